@@ -1,0 +1,104 @@
+"""The training loop every kdjax task shares: resume, step, log, checkpoint, stop.
+
+A task supplies a jitted data-parallel `step_fn(state, batch) -> (state, metrics)` (metrics a clu
+`metrics.Collection`), its initial state and its batches; the loop
+
+- restores the latest checkpoint of the phase's directory, if any, and continues from its step
+  (batches and random draws are functions of the step, so the result is bitwise the same as an
+  uninterrupted run);
+- merges step metrics and writes them every `log_every` steps (TensorBoard + console), stopping on
+  NaN/inf with the step range in the message;
+- reports steps/s and ETA (clu ReportProgress);
+- saves every `checkpoint_every` steps, at the end, on preemption, and when the launch's step budget
+  (`budget.stop_after_steps`) is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable, Iterator
+
+import jax
+from absl import logging
+from clu import metric_writers
+from jax.sharding import Mesh
+
+from kdjax import checkpoints, parallel, summaries
+
+
+@dataclasses.dataclass
+class StepBudget:
+    """How many optimisation steps this launch may still run, across all phases (-1 = unlimited)."""
+
+    stop_after_steps: int = -1
+    used: int = 0
+
+    def spent(self) -> bool:
+        return 0 <= self.stop_after_steps <= self.used
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    num_steps: int
+    log_every: int
+    checkpoint_every: int
+    max_to_keep: int = 2
+    async_checkpoints: bool = True
+
+
+def run(name: str, workdir: str | pathlib.Path, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]],
+        batches: Callable[[int], Iterator[Any]], mesh: Mesh, options: LoopOptions,
+        writer: metric_writers.MetricWriter, budget: StepBudget,
+        on_log: Callable[[int, Any], None] | None = None) -> tuple[Any, bool]:
+    """Trains phase `name` to `options.num_steps`, resuming from its checkpoints.
+
+    Args:
+      name: the phase; checkpoints go to `workdir/name/checkpoints`.
+      state: the freshly initialised (replicated) state; replaced by the checkpoint when resuming. It
+        must carry the step as `state.step`.
+      step_fn: jitted; donates its state argument.
+      batches: `start_step -> iterator of this process's batches` from that step on.
+      on_log: called with (step, state) at every log step (e.g. to write image summaries).
+    Returns:
+      (state, finished): finished is False when the launch stopped early (budget or preemption).
+    """
+    ckpt = checkpoints.TrainCheckpoints(pathlib.Path(workdir) / name / "checkpoints", options.max_to_keep,
+                                        options.async_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        logging.info("%s: resuming from the checkpoint of step %d", name, start)
+        state = ckpt.restore(start, state, mesh)
+    if start >= options.num_steps:
+        ckpt.close()
+        return state, True
+    hook = summaries.progress(options.num_steps, writer, every_steps=options.log_every)
+    accumulated, first_logged = None, start + 1
+    iterator = batches(start)
+    step, finished = start, True
+    while step < options.num_steps:
+        batch = parallel.global_batch(next(iterator), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        budget.used += 1
+        accumulated = metrics if accumulated is None else accumulated.merge(metrics)
+        hook(step)
+        if step % options.log_every == 0 or step == options.num_steps:
+            scalars = {f"{name}/{k}": float(v) for k, v in accumulated.compute().items()}
+            summaries.check_finite(scalars, first_logged, step)
+            writer.write_scalars(step, scalars)
+            accumulated, first_logged = None, step + 1
+            if on_log is not None:
+                on_log(step, state)
+        stop = budget.spent() or ckpt.reached_preemption(step)
+        if step % options.checkpoint_every == 0 or step == options.num_steps or stop:
+            ckpt.save(step, state)
+        if stop and step < options.num_steps:
+            logging.warning("%s: stopping at step %d of %d (step budget or preemption); launch the same "
+                            "command again to resume.", name, step, options.num_steps)
+            finished = False
+            break
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
+    return state, finished

@@ -1,0 +1,92 @@
+"""What a run shows: TensorBoard + console scalars, image summaries (TensorBoard and PNG), progress.
+
+Built on clu: `metric_writers.create_default_writer` (TensorBoard event files plus console lines; only
+process 0 writes, the others just log) and `periodic_actions.ReportProgress` (steps/s and ETA).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+from PIL import Image
+
+from kdjax.data import to_uint8
+
+
+def create_writer(logdir: str | pathlib.Path) -> metric_writers.MetricWriter:
+    """TensorBoard events in `logdir` and console lines; a logging-only writer on processes > 0."""
+    return metric_writers.create_default_writer(str(logdir), just_logging=jax.process_index() > 0)
+
+
+def progress(num_steps: int, writer: metric_writers.MetricWriter, every_steps: int = 50) -> periodic_actions.ReportProgress:
+    """A hook to call every step: reports steps/s and the ETA every `every_steps` steps."""
+    return periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=every_steps)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*H, columns*W, C) uint8 grid, 1-pixel gaps."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * (h + 1) - 1, columns * (w + 1) - 1, c), np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = image
+    return grid
+
+
+def save_png(path: str | pathlib.Path, image: np.ndarray) -> None:
+    """Writes one HWC uint8 image (C = 1 or 3) as PNG, creating the folder."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def write_images(writer: metric_writers.MetricWriter, workdir: str | pathlib.Path, step: int,
+                 images: Mapping[str, Any], columns: int | None = None) -> None:
+    """Image summaries: one grid per name, to TensorBoard and to `workdir/images/NAME_STEP.png`.
+
+    Args:
+      images: name -> (N, H, W, C) float images in [-1, 1].
+    """
+    grids = {name: image_grid(to_uint8(x), columns) for name, x in images.items()}
+    writer.write_images(step, {name: g[None] for name, g in grids.items()})
+    if jax.process_index() == 0:
+        for name, grid in grids.items():
+            save_png(pathlib.Path(workdir) / "images" / f"{name.replace('/', '_')}_{step:06d}.png", grid)
+
+
+def check_finite(scalars: Mapping[str, float], first_step: int, last_step: int) -> None:
+    """Stops the run when a logged value is NaN/inf, naming the value and the step range."""
+    bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"Non-finite training metrics {bad} in steps {first_step}..{last_step}; "
+                                 "lower the learning rate or check the data. The last good checkpoint is kept.")
+
+
+class _LibraryInfoFilter:
+    """Drops INFO/DEBUG records logged from inside noisy libraries (Orbax logs every save step by step)."""
+
+    NOISY = ("/orbax/", "/tensorstore/", "/grain/", "/tensorflow_datasets/")
+
+    def filter(self, record) -> bool:
+        import logging as std_logging
+
+        return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+    """Keeps the console to kdjax's own lines (metrics, progress) plus library warnings and errors."""
+    import logging as std_logging
+
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(_LibraryInfoFilter())
+    std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())

@@ -1,0 +1,325 @@
+"""Official-pickle import: a pickle written here with torch in the official structure converts, loads and
+matches an independent torch implementation of the official formulas; unsafe pickles are refused unrun."""
+
+import contextlib
+import math
+import os
+import pickle
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from kdjax import stylegan2_import as si  # noqa: E402
+
+# A small conditional generator in the official structure.
+CFG = dict(z_dim=16, w_dim=24, c_dim=3, img_resolution=16, img_channels=3, channel_base=256,
+           channel_max=32, num_layers=3, conv_clamp=256.0)
+FILTER = torch.tensor([1.0, 3.0, 3.0, 1.0])
+FILTER2D = torch.outer(FILTER, FILTER) / torch.outer(FILTER, FILTER).sum()
+
+
+# --- writing official-format pickles ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fake_official_modules():
+    """Registers throwaway `torch_utils.persistence` and `dnnlib.util` modules while pickling, so that the
+    file names the same globals as a real network pickle. Their reconstructor would fail if ever called."""
+    names = ["torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"]
+    saved = {n: sys.modules.get(n) for n in names}
+    persistence, util = types.ModuleType("torch_utils.persistence"), types.ModuleType("dnnlib.util")
+
+    def _reconstruct_persistent_obj(meta):
+        raise RuntimeError("the official reconstructor must never run")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    easydict = type("EasyDict", (dict,), {"__module__": "dnnlib.util", "__qualname__": "EasyDict"})
+    util.EasyDict = easydict
+    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+                        "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util})
+    try:
+        yield persistence, easydict
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+class Persistent(torch.nn.Module):
+    """Pickles like an official `@persistence.persistent_class` module."""
+    _orig_class_name = "Module"
+
+    def __init__(self, class_name, **init_kwargs):
+        super().__init__()
+        self._orig_class_name = class_name
+        self._init_args = ()
+        self._init_kwargs = init_kwargs
+
+    def __reduce__(self):   # the official Decorator.__reduce__
+        fields = list(super().__reduce__())
+        fields += [None] * max(3 - len(fields), 0)
+        meta = dict(type="class", version=6, module_src="raise SystemExit('module_src was executed')",
+                    class_name=self._orig_class_name, state=fields[2])
+        fields[0] = sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj
+        fields[1] = (meta,)
+        fields[2] = None
+        return tuple(fields)
+
+
+def _fc(i, o, bias_init=0.0, lr=1.0):
+    m = Persistent("FullyConnectedLayer")
+    m.weight = torch.nn.Parameter(torch.randn(o, i) / lr)
+    m.bias = torch.nn.Parameter(torch.full([o], float(bias_init)) + 0.1 * torch.randn(o))
+    m.weight_gain = np.float64(lr / np.sqrt(i))      # a numpy scalar, as in the official state
+    return m
+
+
+def _layer(i, o, w_dim, res, k=3):
+    m = Persistent("SynthesisLayer")
+    m.affine = _fc(w_dim, i, bias_init=1.0)
+    m.weight = torch.nn.Parameter(torch.randn(o, i, k, k))
+    m.register_buffer("resample_filter", FILTER2D.clone())
+    m.register_buffer("noise_const", torch.randn(res, res))
+    m.noise_strength = torch.nn.Parameter(torch.tensor(0.3))
+    m.bias = torch.nn.Parameter(0.1 * torch.randn(o))
+    return m
+
+
+def build_official_generator(z_dim, w_dim, c_dim, img_resolution, img_channels, channel_base, channel_max,
+                             num_layers, conv_clamp, easydict=dict):
+    torch.manual_seed(0)
+    g = Persistent("Generator", z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution,
+                   img_channels=img_channels, mapping_kwargs=easydict(num_layers=num_layers),
+                   synthesis_kwargs=easydict(channel_base=channel_base, channel_max=channel_max,
+                                             num_fp16_res=4, conv_clamp=conv_clamp))
+    g.z_dim = z_dim
+    mapping = Persistent("MappingNetwork")
+    if c_dim:
+        mapping.embed = _fc(c_dim, w_dim)
+    feats = [z_dim + (w_dim if c_dim else 0)] + [w_dim] * num_layers
+    for i in range(num_layers):
+        setattr(mapping, f"fc{i}", _fc(feats[i], feats[i + 1], lr=0.01))
+    mapping.register_buffer("w_avg", torch.randn(w_dim))
+    synthesis = Persistent("SynthesisNetwork")
+    ch = {r: min(channel_base // r, channel_max) for r in [2 ** i for i in range(2, 11)]}
+    res = 4
+    while res <= img_resolution:
+        b = Persistent("SynthesisBlock")
+        if res == 4:
+            b.const = torch.nn.Parameter(torch.randn(ch[4], 4, 4))
+        else:
+            b.conv0 = _layer(ch[res // 2], ch[res], w_dim, res)
+        b.conv1 = _layer(ch[res], ch[res], w_dim, res)
+        t = Persistent("ToRGBLayer")
+        t.affine = _fc(w_dim, ch[res], bias_init=1.0)
+        t.weight = torch.nn.Parameter(torch.randn(img_channels, ch[res], 1, 1))
+        t.bias = torch.nn.Parameter(0.1 * torch.randn(img_channels))
+        b.torgb = t
+        b.register_buffer("resample_filter", FILTER2D.clone())
+        setattr(synthesis, f"b{res}", b)
+        res *= 2
+    g.synthesis, g.mapping = synthesis, mapping
+    return g
+
+
+def write_pickle(path, mutate=None, cfg=CFG):
+    with fake_official_modules() as (_, easydict):
+        g = build_official_generator(**cfg, easydict=easydict)
+        if mutate:
+            mutate(g)
+        data = dict(G=g, D=None, G_ema=g, augment_pipe=None,
+                    training_set_kwargs=easydict(resolution=cfg["img_resolution"], use_labels=True))
+        with open(path, "wb") as f:
+            pickle.dump(data, f)
+    return g
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pkl") / "network-snapshot.pkl"
+    g = write_pickle(path)
+    return path, g
+
+
+# --- an independent torch implementation of the official forward (reference paths) ----------------------
+
+def t_upfirdn2d(x, up=1, pad=(0, 0, 0, 0), gain=1.0):
+    """Official `_upfirdn2d_ref` for the [1,3,3,1] filter (NCHW, non-negative padding)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h, 1, w, 1)
+    x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1]).reshape(b, c, h * up, w * up)
+    x = F.pad(x, list(pad))
+    f = (FILTER2D * gain).flip([0, 1])[None, None].repeat(c, 1, 1, 1)
+    return F.conv2d(x, f, groups=c)
+
+
+def t_modconv(x, weight, styles, demodulate, up=1, padding=0):
+    """Official `modulated_conv2d`, fused form, with the generic `conv2d_resample` path."""
+    b, _, h, w = x.shape
+    o, i, kh, kw = weight.shape
+    wt = weight[None] * styles[:, None, :, None, None]
+    if demodulate:
+        wt = wt * (wt.square().sum([2, 3, 4]) + 1e-8).rsqrt()[:, :, None, None, None]
+    x = x.reshape(1, b * i, h, w)
+    wt = wt.reshape(b * o, i, kh, kw)
+    if up > 1:   # flip_weight=False for up-sampling layers: a true convolution
+        x = t_upfirdn2d(x, up=2, pad=(padding + 2, padding + 1, padding + 2, padding + 1), gain=4)
+        x = F.conv2d(x, wt.flip([2, 3]), groups=b)
+    else:
+        x = F.conv2d(x, wt, padding=padding, groups=b)
+    return x.reshape(b, o, *x.shape[2:])
+
+
+def t_fc(m, x, act=False, lr=1.0):
+    x = x @ (m.weight * (lr / math.sqrt(m.weight.shape[1]))).t() + m.bias * lr
+    return F.leaky_relu(x, 0.2) * math.sqrt(2) if act else x
+
+
+def t_mapping(g, z, c, num_ws, psi=1.0):
+    norm = lambda v: v * (v.square().mean(1, keepdim=True) + 1e-8).rsqrt()
+    x = torch.cat([norm(z), norm(t_fc(g.mapping.embed, c))], 1)
+    for i in range(CFG["num_layers"]):
+        x = t_fc(getattr(g.mapping, f"fc{i}"), x, act=True, lr=0.01)
+    x = x[:, None].repeat(1, num_ws, 1)
+    return g.mapping.w_avg.lerp(x, psi)
+
+
+def t_synthesis(g, ws, clamp):
+    def layer(m, x, w, up=1):
+        x = t_modconv(x, m.weight, t_fc(m.affine, w), True, up=up, padding=1)
+        x = x + m.noise_const * m.noise_strength
+        x = F.leaky_relu(x + m.bias[None, :, None, None], 0.2) * math.sqrt(2)
+        return x.clamp(-clamp, clamp)
+
+    x = img = None
+    idx = 0
+    feats = {}
+    res = 4
+    while res <= CFG["img_resolution"]:
+        b = getattr(g.synthesis, f"b{res}")
+        if res == 4:
+            x = layer(b.conv1, b.const[None].repeat(ws.shape[0], 1, 1, 1), ws[:, 0])
+            n = 1
+        else:
+            x = layer(b.conv0, x, ws[:, idx], up=2)
+            x = layer(b.conv1, x, ws[:, idx + 1])
+            n = 2
+        t = b.torgb
+        y = t_modconv(x, t.weight, t_fc(t.affine, ws[:, idx + n]) / math.sqrt(t.weight.shape[1]), False)
+        y = (y + t.bias[None, :, None, None]).clamp(-clamp, clamp)
+        img = y if img is None else t_upfirdn2d(img, up=2, pad=(2, 1, 2, 1), gain=4) + y
+        feats[f"res{res}"] = x
+        idx += n
+        res *= 2
+    return img, feats
+
+
+# --- tests -------------------------------------------------------------------------------------------------
+
+def test_convert_command_load_and_generate(official, tmp_path):
+    path, _ = official
+    out = tmp_path / "teacher"
+    si.main([f"--pkl={path}", f"--out={out}"])
+    gen, variables = si.load_teacher(out)
+    kw = {k: getattr(gen, k) for k in ("z_dim", "w_dim", "c_dim", "img_resolution", "channel_base",
+                                       "channel_max", "mapping_layers", "conv_clamp")}
+    assert kw == dict(z_dim=16, w_dim=24, c_dim=3, img_resolution=16, channel_base=256, channel_max=32,
+                      mapping_layers=3, conv_clamp=256.0)
+    assert set(variables) == {"params", "w_avg", "noise_consts"}
+    z = jax.random.normal(jax.random.key(0), (2, 16))
+    img = gen.apply(variables, z, jnp.array([0, 2]), rngs={"noise": jax.random.key(1)})
+    assert img.shape == (2, 16, 16, 3) and bool(jnp.all(jnp.isfinite(img)))
+
+
+def test_converted_generator_matches_official_formulas(official):
+    path, g = official
+    kwargs, variables = si.convert_generator(si.load_network_pickle(path)["G_ema"])
+    from kdjax.models.stylegan2 import Generator
+    gen = Generator(**kwargs)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 16)).astype(np.float32)
+    labels = np.array([0, 1, 2])
+    ws = gen.apply(variables, jnp.asarray(z), jnp.asarray(labels), method="mapping", truncation_psi=0.7)
+    img, feats = gen.apply(variables, ws, method="synthesis", noise_mode="const", return_features=True)
+    with torch.no_grad():
+        c = F.one_hot(torch.tensor(labels), 3).float()
+        t_ws = t_mapping(g, torch.tensor(z), c, gen.num_ws, psi=0.7)
+        t_img, t_feats = t_synthesis(g, torch.tensor(np.asarray(ws)), CFG["conv_clamp"])
+    np.testing.assert_allclose(np.asarray(ws), t_ws.numpy(), rtol=1e-4, atol=1e-4)
+    # One modulated conv layer (b8.conv0: 2x up-sampling, demodulation, const noise, bias_act, clamp).
+    np.testing.assert_allclose(np.asarray(feats["res8"]), t_feats["res8"].permute(0, 2, 3, 1).numpy(),
+                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(img), t_img.permute(0, 2, 3, 1).numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_shape_inference_without_init_kwargs(official, tmp_path):
+    path = tmp_path / "bare.pkl"
+    write_pickle(path, mutate=lambda g: setattr(g, "_init_kwargs", {}))
+    g = si.load_network_pickle(path)["G_ema"]
+    kwargs, _ = si.convert_generator(g)
+    assert kwargs["conv_clamp"] is None   # not recoverable from shapes; the command has --conv_clamp
+    assert {k: kwargs[k] for k in ("z_dim", "w_dim", "c_dim", "img_resolution", "img_channels",
+                                   "channel_base", "channel_max", "mapping_layers")} == dict(
+        z_dim=16, w_dim=24, c_dim=3, img_resolution=16, img_channels=3, channel_base=256,
+        channel_max=32, mapping_layers=3)
+
+
+def test_missing_and_extra_names_are_reported(tmp_path):
+    def mutate(g):
+        del g.mapping.fc1._parameters["bias"]
+        g.synthesis.b8.conv0.register_buffer("mystery", torch.zeros(3))
+    path = tmp_path / "bad.pkl"
+    write_pickle(path, mutate)
+    with pytest.raises(ValueError) as e:
+        si.convert_generator(si.load_network_pickle(path)["G_ema"])
+    assert "synthesis.b8.conv0.mystery" in str(e.value)
+    assert "mapping.fc1.bias" in str(e.value)
+
+
+class _Payload:
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "inside_network"])
+def test_unsafe_pickle_is_refused_without_running(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    if kind == "os.system":
+        payload, name = _Payload(os.system, f"touch {marker}"), "posix.system"
+    else:
+        payload, name = _Payload(eval, f"open({str(marker)!r}, 'w').write('x')"), "builtins.eval"
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(eval, f"open({str(control)!r}, 'w').write('x')")))
+    assert control.exists()    # the payload kind is live: plain pickle runs it
+    path = tmp_path / "evil.pkl"
+    if kind == "inside_network":
+        write_pickle(path, mutate=lambda g: setattr(g, "evil", payload))
+    else:
+        path.write_bytes(pickle.dumps({"G_ema": payload}))
+    with pytest.raises(si.UnsafePickleError, match=name.replace(".", r"\.")):
+        si.load_network_pickle(path)
+    assert not marker.exists()
+
+
+def test_module_src_is_never_executed(official):
+    # module_src is 'raise SystemExit(...)': loading returns plain data and drops it unread.
+    data = si.load_network_pickle(official[0])
+    g = data["G_ema"]
+    assert isinstance(g, si.PersistentObject) and g["class_name"] == "Generator"
+    assert "module_src" not in g
+    assert isinstance(data["training_set_kwargs"], dict)
+    assert isinstance(g["state"]["_modules"]["mapping"]["state"]["_modules"]["fc0"]["state"]["weight_gain"],
+                      np.floating)

@@ -1,0 +1,146 @@
+"""End to end: the tiny classic-KD run, exact resume, the TFDS path, a frozen teacher, bad input."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from kdjax import checkpoints, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name="classifier_kd", arg="tiny"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def bundle_params(path):
+    return jax.tree.leaves(checkpoints.load_model_bundle(path)[1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    report = train.train_and_evaluate(load_config(), workdir)
+    return workdir, report
+
+
+def test_smoke_run_writes_report_and_artifacts(uninterrupted):
+    workdir, report = uninterrupted
+    saved = json.loads((workdir / "report.json").read_text())
+    for model in ("teacher", "student_kd", "student_scratch"):
+        assert set(saved[model]) == {"accuracy", "macro_f1", "ece", "params"}
+        assert 0.0 <= saved[model]["accuracy"] <= 1.0
+    assert saved["teacher"]["params"] > saved["student_kd"]["params"] == saved["student_scratch"]["params"]
+    assert "| student_kd |" in (workdir / "report.md").read_text()
+    assert list((workdir / "images").glob("*.png")) and list(workdir.glob("events.out.tfevents*"))
+    # Each phase checkpointed its final step; the teacher is not inside the students' checkpoints.
+    for phase in ("teacher", "student_kd", "student_scratch"):
+        assert (workdir / phase / "checkpoints" / "20").is_dir()
+    student_files = {p.name for p in (workdir / "student_kd" / "checkpoints").rglob("*")}
+    assert not any("teacher" in name for name in student_files)
+    assert report["student_kd"]["accuracy"] == saved["student_kd"]["accuracy"]
+
+
+def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    config = load_config()
+    config.stop_after_steps = 27  # the teacher's 20 steps, then 7 of student_kd's 20
+    assert train.train_and_evaluate(config, tmp_path) is None
+    assert (tmp_path / "student_kd" / "checkpoints" / "7").is_dir() and not (tmp_path / "report.json").exists()
+    config.stop_after_steps = -1
+    train.train_and_evaluate(load_config(), tmp_path)
+    for phase in ("teacher", "student_kd", "student_scratch"):
+        for a, b in zip(bundle_params(reference / phase / "bundle"), bundle_params(tmp_path / phase / "bundle")):
+            np.testing.assert_array_equal(a, b)
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads((reference / "report.json").read_text())
+
+
+def test_pretrained_teacher_bundle_is_loaded_frozen(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    config = load_config()
+    config.teacher.checkpoint = str(reference / "teacher" / "bundle")
+    before = bundle_params(reference / "teacher" / "bundle")
+    report = train.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "teacher").exists()  # not retrained, not re-saved
+    for a, b in zip(before, bundle_params(reference / "teacher" / "bundle")):
+        np.testing.assert_array_equal(a, b)
+    ref = json.loads((reference / "report.json").read_text())
+    assert report["teacher"] == ref["teacher"] and report["student_kd"] == ref["student_kd"]
+
+
+def test_tfds_path_on_mock_data(tmp_path):
+    config = load_config()
+    config.data.source, config.data.name = "tfds", "mnist"
+    config.data.resolution = 8
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        report = train.train_and_evaluate(config, tmp_path)
+    assert report["dataset"] == "mnist" and report["num_test_examples"] == 64
+
+
+@pytest.mark.parametrize("override, message", [
+    (("teacher", "model", "transformer"), "Unknown model name 'transformer'; valid names"),
+    (("student", "train", "optimizer", "name", "lamb"), "optimizer.name='lamb' is not an optimizer; valid"),
+    (("data", "source", "imagenet"), "config.data.source='imagenet' is not a data source"),
+    (("data", "source", "folder"), "config.data.folder='' is not an existing directory"),
+    (("teacher", "checkpoint", "/no/such/bundle"), "config.teacher.checkpoint='/no/such/bundle' is not an existing"),
+    (("kd", "alpha", 1.5), "config.kd.alpha=1.5 must be in"),
+    (("task", "gan_of_theseus"), "config.task='gan_of_theseus' is not a task"),
+    (("student", "train", "batch_size", 12), "batch_size=12 must be a positive multiple of the device count"),
+])
+def test_bad_config_values_fail_before_compute(override, message):
+    config = load_config()
+    *path, value = override
+    block = config
+    for key in path[:-1]:
+        block = block[key]
+    block[path[-1]] = value
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        train.check_config(config)
+
+
+def test_unknown_model_field_names_valid_fields():
+    config = load_config()
+    config.student.kwargs.depth = 3
+    with pytest.raises(ValueError, match=r"no field\(s\) \['depth'\]; valid fields: .*'widths'"):
+        train.check_config(config)
+
+
+def test_unreadable_teacher_bundle(tmp_path):
+    (tmp_path / "variables").mkdir()
+    (tmp_path / "model.json").write_text("{not json")
+    config = load_config()
+    config.teacher.checkpoint = str(tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="unreadable .*model.json"):
+        train.check_config(config)
+
+
+def _launch(*args, cwd):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.kd.bogus=1", "the config has no field 'bogus'"),  # unknown key
+    ("--config.train.num_steps=5", "the config has no field 'train'"),  # unknown block
+    ("--config.kd.temperature=hot", "could not convert string to float: 'hot'"),  # wrong type
+    ("--config.data.source=cifar", "config.data.source='cifar' is not a data source"),
+    ("--config.teacher.checkpoint=/missing/teacher", "/missing/teacher"),
+])
+def test_launch_reports_bad_input_in_one_message(flag, message, tmp_path):
+    result = _launch(f"--config={ROOT / 'configs' / 'classifier_kd.py'}:tiny", flag, f"--workdir={tmp_path / 'w'}",
+                     cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing was started
