@@ -68,8 +68,14 @@ def flops_per_image(apply_fn: Callable[..., Any], *example_args: Any, batch_size
       batch_size: the number of images the call processes.
     Returns:
       XLA's 'flops' (multiply-adds count 2; transcendentals excluded, see the module docstring) per image.
+
+    The count always comes from a compilation for the CPU backend, whatever the default device: on GPU,
+    XLA hands convolutions to cuDNN custom calls that its cost analysis does not count (measured on an
+    H100: the default StyleGAN2 teacher read 8.8 MFLOPs/image there against 744.5 on CPU).
     """
-    compiled = jax.jit(apply_fn).lower(*example_args).compile()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), example_args)
+    with jax.default_device(jax.devices("cpu")[0]):
+        compiled = jax.jit(apply_fn).lower(*abstract).compile()
     return float(_cost_dict(compiled).get("flops", 0.0)) / batch_size
 
 
