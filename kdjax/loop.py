@@ -92,6 +92,9 @@ def run(name: str, workdir: str | pathlib.Path, state: Any, step_fn: Callable[[A
                 on_log(step, state)
         stop = budget.spent() or ckpt.reached_preemption(step)
         if step % options.checkpoint_every == 0 or step == options.num_steps or stop:
+            if accumulated is not None:  # never checkpoint a state whose metrics since the last log are NaN/inf
+                summaries.check_finite({f"{name}/{k}": float(v) for k, v in accumulated.compute().items()},
+                                       first_logged, step)
             ckpt.save(step, state)
         if stop and step < options.num_steps:
             logging.warning("%s: stopping at step %d of %d (step budget or preemption); launch the same "

@@ -144,3 +144,20 @@ def test_launch_reports_bad_input_in_one_message(flag, message, tmp_path):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "w").exists()  # nothing was started
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = load_config()
+    config.log_every, config.checkpoint_every = 20, 5  # checkpoint steps that are not log steps
+    config.stop_after_steps = 5
+    assert train.train_and_evaluate(config, tmp_path) is None  # a good checkpoint at step 5
+    good = checkpoints.TrainCheckpoints(tmp_path / "teacher" / "checkpoints")._manager.restore(5)
+    config.stop_after_steps = -1
+    config.teacher.train.optimizer.learning_rate = 1e30  # diverges right away
+    with pytest.raises(FloatingPointError, match=r"Non-finite training metrics .* in steps 6\.\.10"):
+        train.train_and_evaluate(config, tmp_path)
+    directory = tmp_path / "teacher" / "checkpoints"
+    assert sorted(p.name for p in directory.iterdir() if p.name.isdigit()) == ["5"]  # nothing NaN was saved
+    kept = checkpoints.TrainCheckpoints(directory)._manager.restore(5)
+    for a, b in zip(jax.tree.leaves(good["params"]), jax.tree.leaves(kept["params"])):
+        np.testing.assert_array_equal(a, b)
