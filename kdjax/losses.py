@@ -6,8 +6,12 @@ said otherwise. Logits are computed in float32 for the softmax, whatever the com
 
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 import jax
 import jax.numpy as jnp
+
+from kdjax.evaluation.fidelity import _as_maps, _check_feature_keys
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -61,3 +65,140 @@ def classic_kd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax
     ce = softmax_cross_entropy(student_logits, labels)
     kl = distillation_kl(teacher_logits, student_logits, temperature)
     return alpha * ce + (1.0 - alpha) * kl, {"ce": ce, "kl": kl}
+
+
+# --- Generator distillation (issue 4): reconstruction, feature, perceptual, adversarial, R1, schedules.
+# Images are NHWC; feature dicts map a layer name to a (B, H, W, C) map (or a (B, C) vector).
+
+def l1(x: jax.Array, y: jax.Array) -> jax.Array:
+    """L1(x, y) = mean |x - y| over all elements (batch, pixels and channels), in float32."""
+    return jnp.mean(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+
+
+def l2(x: jax.Array, y: jax.Array) -> jax.Array:
+    """L2(x, y) = mean (x - y)^2 over all elements (the MSE, not its square root), in float32."""
+    return jnp.mean(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)))
+
+
+def feature_matching(student_feats: Mapping[str, jax.Array],
+                     teacher_feats: Mapping[str, jax.Array]) -> jax.Array:
+    """FM = mean over shared names k of mean (s_k - stop_gradient(t_k))^2 (each map's mean over all elements).
+
+    Args:
+      student_feats: name -> student map, already mapped to the teacher's channels by the caller's learned
+        1x1 adapters (trained with the student).
+      teacher_feats: name -> teacher map; its gradient is stopped here. Names present in only one dict are
+        ignored (e.g. resolutions the student lacks).
+    Raises:
+      ValueError: when no name is shared, or a shared map differs in shape (the message names the keys).
+    """
+    shared = sorted(set(student_feats) & set(teacher_feats))
+    if not shared:
+        raise ValueError(f"feature_matching: no shared feature names: student {sorted(student_feats)} vs "
+                         f"teacher {sorted(teacher_feats)}.")
+    for name in shared:
+        if student_feats[name].shape != teacher_feats[name].shape:
+            raise ValueError(f"feature_matching: map {name!r} differs in shape: student "
+                             f"{student_feats[name].shape} vs teacher {teacher_feats[name].shape}.")
+    return jnp.mean(jnp.stack([l2(student_feats[k], jax.lax.stop_gradient(teacher_feats[k]))
+                               for k in shared]))
+
+
+def _normalize_channels(f: jax.Array, eps: float = 1e-10) -> jax.Array:
+    """f / (||f||_2 over the last axis + eps): the value of fidelity.normalize_channels, with a gradient.
+
+    fidelity's version takes sqrt(sum f^2) directly, whose gradient is NaN where a channel vector is all
+    zero (common after a ReLU); here the norm is 0 there with a zero gradient, the same forward value.
+    """
+    f = f.astype(jnp.float32)
+    sq = jnp.sum(f * f, axis=-1, keepdims=True)
+    positive = sq > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return f / (norm + eps)
+
+
+def perceptual(feats_a: Mapping[str, jax.Array], feats_b: Mapping[str, jax.Array]) -> jax.Array:
+    """P(a, b) = mean_{b, layer, h, w} || n(a)[b,h,w] - n(b)[b,h,w] ||_2^2, with n(f) = f / (||f||_C + eps).
+
+    The training-time counterpart of `kdjax.evaluation.fidelity.perceptual_distance` (LPIPS "baseline",
+    no learned weights) with the same definition: squared L2 distance over channels of channel-normalised
+    maps (eps = 1e-10), averaged over positions, then layers, then here the batch; (B, C) vectors count as
+    1 x 1 maps. Differs only in being safe to differentiate where a channel vector is all zero. Callers stop
+    the teacher side's gradient if it should be constant. Same keys and shapes required (ValueError).
+    """
+    per_layer = []
+    for name in _check_feature_keys(feats_a, feats_b):
+        fa, fb = _as_maps(feats_a[name]), _as_maps(feats_b[name])
+        if fa.shape != fb.shape:
+            raise ValueError(f"perceptual: layer {name!r}: shapes differ, {fa.shape} vs {fb.shape}.")
+        d = jnp.sum(jnp.square(_normalize_channels(fa) - _normalize_channels(fb)), axis=-1)  # (B, H, W)
+        per_layer.append(jnp.mean(d))
+    return jnp.mean(jnp.stack(per_layer))
+
+
+def d_logistic(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """Non-saturating logistic discriminator loss: mean softplus(-D(real)) + mean softplus(D(fake)).
+
+    softplus(x) = log(1 + e^x), computed stably (finite for any finite logit). Logits are (B,).
+    """
+    return (jnp.mean(jax.nn.softplus(-real_logits.astype(jnp.float32)))
+            + jnp.mean(jax.nn.softplus(fake_logits.astype(jnp.float32))))
+
+
+def g_nonsaturating(fake_logits: jax.Array) -> jax.Array:
+    """Non-saturating generator loss (Goodfellow et al. 2014; StyleGAN2): mean softplus(-D(fake))."""
+    return jnp.mean(jax.nn.softplus(-fake_logits.astype(jnp.float32)))
+
+
+def d_hinge(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """Hinge discriminator loss: mean relu(1 - D(real)) + mean relu(1 + D(fake))."""
+    return (jnp.mean(jax.nn.relu(1.0 - real_logits.astype(jnp.float32)))
+            + jnp.mean(jax.nn.relu(1.0 + fake_logits.astype(jnp.float32))))
+
+
+def g_hinge(fake_logits: jax.Array) -> jax.Array:
+    """Hinge generator loss: -mean D(fake)."""
+    return -jnp.mean(fake_logits.astype(jnp.float32))
+
+
+def r1_penalty(d_fn: Callable[[jax.Array], jax.Array], real_images: jax.Array) -> jax.Array:
+    """R1 (Mescheder et al. 2018) = mean_b || grad_x D(x_b) ||^2, the squared norm summed over the image.
+
+    The per-image gradients are taken as the gradient of sum_b D(x_b), as StyleGAN2 does; they are the
+    per-image gradients when D treats images independently (a minibatch-stddev layer couples them, and
+    then this is StyleGAN2's number, not a strict per-image norm).
+
+    The penalty alone: StyleGAN2's lazy regularisation adds gamma / 2 * k * R1 to the discriminator loss
+    every k steps (k = 16); the caller applies that weight and that cadence.
+
+    Args:
+      d_fn: images (B, H, W, C) -> logits (B,); closes over the discriminator's parameters.
+      real_images: the "real" images (teacher images, and/or real data).
+    """
+    grads = jax.grad(lambda x: jnp.sum(d_fn(x)))(real_images)
+    grads = grads.astype(jnp.float32).reshape(grads.shape[0], -1)
+    return jnp.mean(jnp.sum(jnp.square(grads), axis=-1))
+
+
+def constant(step: jax.Array | int, value: float) -> jax.Array:
+    """A weight that does not change: `value` (float32) at every step."""
+    del step
+    return jnp.asarray(value, jnp.float32)
+
+
+def linear_schedule(step: jax.Array | int, start_value: float, end_value: float, start_step: int,
+                    end_step: int) -> jax.Array:
+    """w(step) = start_value + (end_value - start_value) * clip((step - s0) / (s1 - s0), 0, 1).
+
+    With s0 = start_step, s1 = end_step: constant before s0 and after s1 (e.g. TinyGAN's decaying pixel
+    weight). Jit-safe: `step` may be traced; the other arguments are Python numbers. s1 == s0 is a step
+    from start_value to end_value at s0.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    if end_step < start_step:
+        raise ValueError(f"linear_schedule: end_step {end_step} < start_step {start_step}.")
+    if end_step == start_step:
+        frac = (step >= start_step).astype(jnp.float32)
+    else:
+        frac = jnp.clip((step - start_step) / float(end_step - start_step), 0.0, 1.0)
+    return jnp.asarray(start_value, jnp.float32) + (end_value - start_value) * frac
