@@ -20,6 +20,7 @@ from kdjax import checkpoints, data, models, optim
 # task name -> module with `train_and_evaluate(config, workdir)` and `check_config(config)`.
 TASKS: dict[str, str] = {
     "classifier_kd": "kdjax.classifier_kd",
+    "gan": "kdjax.gan",
 }
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,7 +63,13 @@ def check_classifier_kd(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.kd.temperature={config.kd.temperature} must be > 0.")
 
 
-CHECKS = {"classifier_kd": check_classifier_kd}
+def check_gan(config: ml_collections.ConfigDict) -> None:
+    from kdjax import gan
+
+    gan.check_gan_config(config)
+
+
+CHECKS = {"classifier_kd": check_classifier_kd, "gan": check_gan}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,42 @@
+"""The DCGAN student trained from scratch on real data: the baseline that shows what distillation is worth.
+
+    python launch.py --config=configs/dcgan_scratch.py
+    python launch.py --config=configs/dcgan_scratch.py:tiny     # seconds; what the tests run
+
+Same student architecture as the distillation job; non-saturating logistic loss with lazy R1, Adam
+(0.0, 0.99) as in StyleGAN2's recipe, an EMA of the generator. The generator (EMA) is exported to
+WORKDIR/generator/bundle.
+"""
+
+import ml_collections
+
+from kdjax.config_schema import data_config, optimizer_config, phase_train_config, run_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = run_config("gan", log_every=100, checkpoint_every=1000)
+    config.data = data_config(source="digits", resolution=32, channels=1)
+    config.generator = ml_collections.ConfigDict(dict(
+        model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(z_dim=128, width=24, width_max=128))))
+    config.discriminator = ml_collections.ConfigDict(dict(
+        model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128))))
+    config.gan = ml_collections.ConfigDict(dict(
+        loss="logistic",  # "logistic" (non-saturating) or "hinge"
+        r1_gamma=0.1,  # R1 weight gamma (0 = off); applied lazily as gamma/2 * r1_every every r1_every steps
+        r1_every=16,
+        ema_decay=0.999,  # generator EMA per step
+        style_mixing_prob=0.0,  # StyleGAN2 generators only
+        conditional=False,  # condition G and D on the dataset's labels
+        train=phase_train_config(5000, 64, name="adam", learning_rate=2e-3, b1=0.0, b2=0.99),
+        d_optimizer=optimizer_config("adam", 2e-3, b1=0.0, b2=0.99),
+    ))
+    if arg == "tiny":
+        config.data.resolution = 16
+        config.generator.kwargs.update(dict(z_dim=16, width=8, width_max=16))
+        config.discriminator.kwargs.update(dict(width=8, width_max=16))
+        config.gan.train.num_steps, config.gan.train.batch_size = 12, 16
+        config.gan.r1_every = 4
+        config.log_every = config.checkpoint_every = 6
+    elif arg:
+        raise ValueError(f"configs/dcgan_scratch.py: unknown argument {arg!r}; valid: '', 'tiny'.")
+    return config
