@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from clu import metrics as clu_metrics
 from jax.sharding import Mesh, PartitionSpec as P
 

@@ -90,7 +90,7 @@ def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, 
     r1_weight = cfg.r1_gamma / 2 * cfg.r1_every
     names = ["loss"] + [f"{t}" for t in active] + (["d_loss", "r1_term"] if use_d else [])
     Metrics = clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
-    d_apply = functools.partial(gan_lib._apply_discriminator, discriminator)
+    d_apply = functools.partial(gan_lib.apply_discriminator, discriminator)
 
     def per_device(state: DistillState, batch: dict, z: jax.Array, labels: jax.Array, teacher_vars, judge_vars):
         step = state.step
@@ -140,20 +140,11 @@ def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, 
             real = jnp.concatenate([x_t, batch["image"]]) if cfg.d_real_data else x_t
             real_y = (jnp.concatenate([y, batch["label"]]) if cfg.d_real_data else y) if num_classes else None
 
-            def d_loss_fn(d_params, with_r1: bool):
-                loss = d_adv(d_apply(d_params, state.d_state, real, real_y), d_apply(d_params, state.d_state, x_s, y))
-                r1 = (r1_weight * losses.r1_penalty(lambda x: d_apply(d_params, state.d_state, x, real_y), real)
-                      if with_r1 else jnp.zeros_like(loss))
-                return jax.lax.pmean(loss + r1, DATA), {"d_loss": loss, "r1_term": r1}
-
-            grad_d = lambda with_r1: jax.grad(d_loss_fn, has_aux=True)(state.d_params, with_r1)
-            if r1_weight > 0:
-                d_grads, d_aux = jax.lax.cond(step % cfg.r1_every == 0, lambda: grad_d(True), lambda: grad_d(False))
-            else:
-                d_grads, d_aux = grad_d(False)
-            d_updates, d_opt = d_tx.update(d_grads, state.d_opt, state.d_params)
-            new = new.replace(d_params=optax.apply_updates(state.d_params, d_updates), d_opt=d_opt)
-            scalars.update(jax.lax.pmean(d_aux, DATA))
+            d_params, d_opt, d_aux = gan_lib.discriminator_update(
+                d_apply, d_tx, state.d_params, state.d_opt, state.d_state, real, real_y, x_s, y, d_adv,
+                r1_weight, cfg.r1_every, step)
+            new = new.replace(d_params=d_params, d_opt=d_opt)
+            scalars.update({k: d_aux[k] for k in ("d_loss", "r1_term")})
         return new, scalars
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P(), P()),

@@ -89,7 +89,7 @@ def check_gan_config(config: ml_collections.ConfigDict) -> None:
     optim.check_optimizer_config(gan.d_optimizer, "config.gan.d_optimizer")
 
 
-def _apply_generator(model: nn.Module, params, g_state, z, labels, key, style_mixing_prob: float, train: bool):
+def apply_generator(model: nn.Module, params, g_state, z, labels, key, style_mixing_prob: float, train: bool):
     """G(z, labels) in train (state-updating) or eval mode; returns (images, new_g_state)."""
     rngs = {"noise": jax.random.fold_in(key, 0), "style_mix": jax.random.fold_in(key, 1)}
     variables = {"params": params, **g_state}
@@ -105,12 +105,39 @@ def _apply_generator(model: nn.Module, params, g_state, z, labels, key, style_mi
     return out, g_state
 
 
-def _apply_discriminator(model: nn.Module, params, d_state, x, labels):
+def apply_discriminator(model: nn.Module, params, d_state, x, labels):
     """D(x, labels) -> (B,) logits (train mode; BatchNorm statistics, if any, are not carried)."""
     variables = {"params": params, **d_state}
     if d_state:
         return model.apply(variables, x, labels, train=True, mutable=list(d_state))[0]
     return model.apply(variables, x, labels, train=True)
+
+
+def discriminator_update(d_apply: Callable, d_tx: optax.GradientTransformation, d_params, d_opt, d_state,
+                         real: jax.Array, real_labels, fake: jax.Array, fake_labels, d_loss_of: Callable,
+                         r1_weight: float, r1_every: int, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """One discriminator update, per device: d_loss_of(D(real), D(fake)), plus every `r1_every` steps
+    `r1_weight * R1(real)` (lazy regularisation; `r1_weight = gamma / 2 * r1_every`).
+
+    Returns (new d_params, new d_opt, {"d_loss", "r1_term"} device-means, plus "d_real" and "d_fake",
+    the mean logits).
+    """
+    def loss_fn(params, with_r1: bool):
+        real_logits = d_apply(params, d_state, real, real_labels)
+        fake_logits = d_apply(params, d_state, fake, fake_labels)
+        loss = d_loss_of(real_logits, fake_logits)
+        r1 = (r1_weight * losses.r1_penalty(lambda x: d_apply(params, d_state, x, real_labels), real)
+              if with_r1 else jnp.zeros_like(loss))  # per-device (varying), like the loss
+        aux = {"d_loss": loss, "r1_term": r1, "d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
+        return jax.lax.pmean(loss + r1, DATA), aux
+
+    grad = lambda with_r1: jax.grad(loss_fn, has_aux=True)(d_params, with_r1)
+    if r1_weight > 0:
+        grads, aux = jax.lax.cond(step % r1_every == 0, lambda: grad(True), lambda: grad(False))
+    else:
+        grads, aux = grad(False)
+    updates, d_opt = d_tx.update(grads, d_opt, d_params)
+    return optax.apply_updates(d_params, updates), d_opt, jax.lax.pmean(aux, DATA)
 
 
 def make_gan_step(generator: nn.Module, discriminator: nn.Module, g_tx: optax.GradientTransformation,
@@ -128,10 +155,10 @@ def make_gan_step(generator: nn.Module, discriminator: nn.Module, g_tx: optax.Gr
         device_key = jax.random.fold_in(step_key, jax.lax.axis_index(DATA))
         labels = fake_labels if num_classes else None
         real_labels = batch["label"] if num_classes else None
-        d = functools.partial(_apply_discriminator, discriminator)
+        d = functools.partial(apply_discriminator, discriminator)
 
         def g_loss_fn(g_params):
-            fake, new_g_state = _apply_generator(generator, g_params, state.g_state, z, labels, device_key,
+            fake, new_g_state = apply_generator(generator, g_params, state.g_state, z, labels, device_key,
                                                  gan.style_mixing_prob, train=True)
             loss = g_loss_fn_of(d(state.d_params, state.d_state, fake, labels))
             return jax.lax.pmean(loss, DATA), (new_g_state, fake)
@@ -141,26 +168,13 @@ def make_gan_step(generator: nn.Module, discriminator: nn.Module, g_tx: optax.Gr
         g_params = optax.apply_updates(state.g_params, g_updates)
         fake = jax.lax.stop_gradient(fake)
 
-        def d_loss_fn(d_params, with_r1: bool):
-            real_logits = d(d_params, state.d_state, batch["image"], real_labels)
-            fake_logits = d(d_params, state.d_state, fake, labels)
-            loss = d_loss_fn_of(real_logits, fake_logits)
-            r1 = (r1_weight * losses.r1_penalty(lambda x: d(d_params, state.d_state, x, real_labels), batch["image"])
-                  if with_r1 else jnp.zeros_like(loss))  # per-device (varying), like the loss
-            aux = {"d_loss": loss, "r1_term": r1, "d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
-            return jax.lax.pmean(loss + r1, DATA), aux
-
-        grad_d = lambda with_r1: jax.grad(d_loss_fn, has_aux=True)(state.d_params, with_r1)
-        if r1_weight > 0:
-            d_grads, d_aux = jax.lax.cond(state.step % gan.r1_every == 0, lambda: grad_d(True), lambda: grad_d(False))
-        else:
-            d_grads, d_aux = grad_d(False)
-        d_updates, d_opt = d_tx.update(d_grads, state.d_opt, state.d_params)
-        d_params = optax.apply_updates(state.d_params, d_updates)
+        d_params, d_opt, d_aux = discriminator_update(
+            d, d_tx, state.d_params, state.d_opt, state.d_state, batch["image"], real_labels, fake, labels,
+            d_loss_fn_of, r1_weight, gan.r1_every, state.step)
         g_ema = jax.tree.map(lambda e, p: gan.ema_decay * e + (1.0 - gan.ema_decay) * p, state.g_ema, g_params)
         new_state = state.replace(step=state.step + 1, g_params=g_params, g_state=g_state, g_opt=g_opt,
                                   d_params=d_params, d_opt=d_opt, g_ema=g_ema)
-        return new_state, {"g_loss": g_loss, **jax.lax.pmean(d_aux, DATA)}
+        return new_state, {"g_loss": g_loss, **d_aux}
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA)), out_specs=(P(), P()))
 
@@ -218,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     def write_samples(step_number: int, state: GANState) -> None:
         params, g_state = parallel.to_host((state.g_ema, state.g_state))
-        images, _ = _apply_generator(eval_generator, params, g_state, sample_z, sample_labels,
+        images, _ = apply_generator(eval_generator, params, g_state, sample_z, sample_labels,
                                      jax.random.fold_in(key, 8), 0.0, train=False)
         summaries.write_images(writer, workdir, step_number, {"samples/generator_ema": images}, columns=8)
 

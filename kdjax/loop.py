@@ -19,7 +19,6 @@ import dataclasses
 import pathlib
 from typing import Any, Callable, Iterator
 
-import jax
 from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh

@@ -5,7 +5,6 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from kdjax import cost
