@@ -62,7 +62,7 @@ def main(argv):
     except ValueError as e:  # bad input: one clear line, no traceback, before any compute
         print(f"kdjax: error: {e}", file=sys.stderr)
         sys.exit(2)
-    train.train_and_evaluate(FLAGS.config, workdir)
+    train.run_checked(FLAGS.config, workdir)  # already checked above
 
 
 if __name__ == "__main__":

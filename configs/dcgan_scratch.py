@@ -10,7 +10,7 @@ WORKDIR/generator/bundle.
 
 import ml_collections
 
-from kdjax.config_schema import data_config, optimizer_config, phase_train_config, run_config
+from kdjax.config_schema import data_config, gan_config, optimizer_config, phase_train_config, run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -20,16 +20,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(z_dim=128, width=24, width_max=128))))
     config.discriminator = ml_collections.ConfigDict(dict(
         model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128))))
-    config.gan = ml_collections.ConfigDict(dict(
-        loss="logistic",  # "logistic" (non-saturating) or "hinge"
-        r1_gamma=0.1,  # R1 weight gamma (0 = off); applied lazily as gamma/2 * r1_every every r1_every steps
-        r1_every=16,
-        ema_decay=0.999,  # generator EMA per step
-        style_mixing_prob=0.0,  # StyleGAN2 generators only
-        conditional=False,  # condition G and D on the dataset's labels
-        train=phase_train_config(5000, 64, name="adam", learning_rate=2e-3, b1=0.0, b2=0.99),
-        d_optimizer=optimizer_config("adam", 2e-3, b1=0.0, b2=0.99),
-    ))
+    config.gan = gan_config(r1_gamma=0.1, ema_decay=0.999,
+                            train=phase_train_config(5000, 64, name="adam", learning_rate=2e-3, b1=0.0, b2=0.99),
+                            d_optimizer=optimizer_config("adam", 2e-3, b1=0.0, b2=0.99))
     if arg == "tiny":
         config.data.resolution = 16
         config.generator.kwargs.update(dict(z_dim=16, width=8, width_max=16))

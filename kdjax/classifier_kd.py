@@ -135,8 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                          f"{dataset.num_classes} classes (for a folder: one sub-folder per class).")
     writer = summaries.create_writer(workdir)
     budget = loop.StepBudget(config.stop_after_steps)
-    example = next(data.TrainBatches(dataset.train, 64 if len(dataset.train) >= 64 else len(dataset.train),
-                                     config.seed, 0, 1).iterate(0))
+    example = data.TrainBatches(dataset.train, min(64, len(dataset.train)), config.seed, 0, 1).batch(0)
     summaries.write_images(writer, workdir, 0, {"data/train_examples": example["image"][:64]})
 
     # 1. Teacher: trained here, or a frozen bundle.

@@ -11,7 +11,7 @@ import ml_collections
 
 from kdjax.optim import optimizer_config
 
-__all__ = ["data_config", "optimizer_config", "phase_train_config", "run_config"]
+__all__ = ["data_config", "gan_config", "optimizer_config", "phase_train_config", "run_config"]
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
@@ -53,6 +53,22 @@ def run_config(task: str, **overrides) -> ml_collections.ConfigDict:
         async_checkpoints=True,  # write checkpoints in the background
         stop_after_steps=-1,  # stop this launch (after a checkpoint) after N steps; relaunch to resume
         eval_batch_size=256,  # global batch for evaluation passes
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def gan_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.gan` for the `gan` task (`kdjax.gan`): StyleGAN2's recipe by default."""
+    cfg = ml_collections.ConfigDict(dict(
+        loss="logistic",  # "logistic" (non-saturating) or "hinge"
+        r1_gamma=0.05,  # R1 weight gamma (0 = off); applied lazily as gamma/2 * r1_every every r1_every steps
+        r1_every=16,
+        ema_decay=0.999,  # generator EMA per step
+        style_mixing_prob=0.0,  # StyleGAN2 generators only
+        conditional=False,  # condition G and D on the dataset's labels
+        train=phase_train_config(20000, 64, name="adam", learning_rate=2.5e-3, b1=0.0, b2=0.99),  # G's budget
+        d_optimizer=optimizer_config("adam", 2.5e-3, b1=0.0, b2=0.99),
     ))
     cfg.update(overrides)
     return cfg

@@ -88,7 +88,7 @@ def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, 
     active = [t for t in TERMS if cfg.weights[t].value > 0 or cfg.weights[t].end_value > 0]
     use_d = "adv" in active
     r1_weight = cfg.r1_gamma / 2 * cfg.r1_every
-    names = ["loss"] + [f"{t}" for t in active] + (["d_loss", "r1_term"] if use_d else [])
+    names = ["loss", *active] + (["d_loss", "r1_term"] if use_d else [])
     Metrics = clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
     d_apply = functools.partial(gan_lib.apply_discriminator, discriminator)
 

@@ -56,6 +56,11 @@ class GANState:
     g_ema: Any  # exponential moving average of g_params
 
 
+def outside_data_parallel(model: nn.Module) -> nn.Module:
+    """The same model with its data-parallel axis fields unset, to run outside shard_map (init, sampling)."""
+    return model.clone(**{k: None for k in FAMILIES_DP_FIELDS if hasattr(model, k)})
+
+
 def model_kwargs(block: ml_collections.ConfigDict, dataset_shape: tuple[int, int, int]) -> dict[str, Any]:
     """A model block's kwargs with the data's resolution, channels and classes filled in."""
     family = FAMILIES[block.model]
@@ -194,8 +199,7 @@ def init_state(generator: nn.Module, discriminator: nn.Module, g_tx, d_tx, shape
     """Initial state (on the host's default device), initialised outside any data-parallel context."""
     res, ch, _ = shape
     labels = jnp.zeros((4,), jnp.int32) if num_classes else None
-    g_init = generator.clone(**{k: None for k in FAMILIES_DP_FIELDS if hasattr(generator, k)})
-    d_init = discriminator.clone(**{k: None for k in FAMILIES_DP_FIELDS if hasattr(discriminator, k)})
+    g_init, d_init = outside_data_parallel(generator), outside_data_parallel(discriminator)
     g_vars = dict(jax.jit(lambda k: g_init.init({"params": k, "noise": k}, jnp.zeros((4, z_dim)), labels))(
         jax.random.fold_in(key, 0)))
     d_vars = dict(jax.jit(lambda k: d_init.init(k, jnp.zeros((4, res, res, ch)), labels))(jax.random.fold_in(key, 1)))
@@ -226,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = parallel.replicate(init_state(generator, discriminator, g_tx, d_tx, shape, z_dim, num_classes, key), mesh)
     step = make_gan_step(generator, discriminator, g_tx, d_tx, mesh, config.gan, z_dim, num_classes, key)
     writer = summaries.create_writer(workdir)
-    eval_generator = generator.clone(**{k: None for k in FAMILIES_DP_FIELDS if hasattr(generator, k)})
+    eval_generator = outside_data_parallel(generator)
     sample_z = jax.random.normal(jax.random.fold_in(key, 7), (64, z_dim))
     sample_labels = jnp.arange(64) % num_classes if num_classes else None
 

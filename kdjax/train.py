@@ -12,7 +12,6 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from kdjax import checkpoints, data, models, optim
@@ -80,12 +79,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     CHECKS[config.task](config)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Any:
-    """Validates `config`, records it in `workdir/config.json`, runs its task; returns the task's report."""
-    check_config(config)
+def run_checked(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Any:
+    """Records `config` in `workdir/config.json` and runs its task; the caller has run `check_config`."""
     workdir = pathlib.Path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    jnp.dtype(config.compute_dtype)
     return importlib.import_module(TASKS[config.task]).train_and_evaluate(config, workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Any:
+    """Validates `config` (`check_config`), then runs its task; returns the task's report."""
+    check_config(config)
+    return run_checked(config, workdir)
