@@ -92,7 +92,8 @@ def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, 
     Metrics = clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
     d_apply = functools.partial(gan_lib.apply_discriminator, discriminator)
 
-    def per_device(state: DistillState, batch: dict, z: jax.Array, labels: jax.Array, teacher_vars, judge_vars):
+    def per_device(state: DistillState, batch: dict, z: jax.Array, labels: jax.Array, teacher_vars, judge_vars,
+                   r1: float):
         step = state.step
         y = labels if num_classes else None
         # The frozen teacher: targets and (optionally) the w the student consumes. No gradient flows here.
@@ -141,24 +142,27 @@ def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, 
             real_y = (jnp.concatenate([y, batch["label"]]) if cfg.d_real_data else y) if num_classes else None
 
             d_params, d_opt, d_aux = gan_lib.discriminator_update(
-                d_apply, d_tx, state.d_params, state.d_opt, state.d_state, real, real_y, x_s, y, d_adv,
-                r1_weight, cfg.r1_every, step)
+                d_apply, d_tx, state.d_params, state.d_opt, state.d_state, real, real_y, x_s, y, d_adv, r1)
             new = new.replace(d_params=d_params, d_opt=d_opt)
             scalars.update({k: d_aux[k] for k in ("d_loss", "r1_term")})
         return new, scalars
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P(), P()),
-                            out_specs=(P(), P()))
+    def make(r1: float) -> Callable:
+        sharded = jax.shard_map(functools.partial(per_device, r1=r1), mesh=mesh,
+                                in_specs=(P(), P(DATA), P(DATA), P(DATA), P(), P()), out_specs=(P(), P()))
 
-    def step_fn(state: DistillState, batch: dict, teacher_vars, judge_vars):
-        draw = jax.random.fold_in(jax.random.fold_in(key, state.step), 2**20)  # global draws: device-count free
-        n = batch["image"].shape[0]
-        z = jax.random.normal(jax.random.fold_in(draw, 0), (n, teacher.z_dim))
-        labels = jax.random.randint(jax.random.fold_in(draw, 1), (n,), 0, max(num_classes, 1))
-        state, scalars = sharded(state, batch, z, labels, teacher_vars, judge_vars)
-        return state, Metrics.single_from_model_output(**scalars)
+        def step_fn(state: DistillState, batch: dict, teacher_vars, judge_vars):
+            draw = jax.random.fold_in(jax.random.fold_in(key, state.step), 2**20)  # global draws: device-count free
+            n = batch["image"].shape[0]
+            z = jax.random.normal(jax.random.fold_in(draw, 0), (n, teacher.z_dim))
+            labels = jax.random.randint(jax.random.fold_in(draw, 1), (n,), 0, max(num_classes, 1))
+            state, scalars = sharded(state, batch, z, labels, teacher_vars, judge_vars)
+            return state, Metrics.single_from_model_output(**scalars)
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+        return jax.jit(step_fn, donate_argnums=(0,))
+
+    plain = make(0.0)
+    return gan_lib.LazyRegularised(make(r1_weight), plain, cfg.r1_every) if use_d and r1_weight > 0 else plain
 
 
 def distill_config(**overrides) -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@ process 0 writes, the others just log) and `periodic_actions.ReportProgress` (st
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 from typing import Any, Mapping
@@ -59,6 +60,86 @@ def write_images(writer: metric_writers.MetricWriter, workdir: str | pathlib.Pat
     if jax.process_index() == 0:
         for name, grid in grids.items():
             save_png(pathlib.Path(workdir) / "images" / f"{name.replace('/', '_')}_{step:06d}.png", grid)
+
+
+class HistoryWriter(metric_writers.MetricWriter):
+    """Appends every scalar write to `logdir/metrics.jsonl` (process 0), for plots and reports without
+    TensorBoard. A resumed run appends again from its checkpoint; `read_history` keeps the last value."""
+
+    def __init__(self, logdir: str | pathlib.Path):
+        self.path = pathlib.Path(logdir) / "metrics.jsonl"
+        self._active = jax.process_index() == 0
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if self._active:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def read_history(logdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """`metrics.jsonl` as name -> [(step, value)] sorted by step (a step written twice keeps the last value)."""
+    path = pathlib.Path(logdir) / "metrics.jsonl"
+    latest: dict[str, dict[int, float]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            step = record.pop("step")
+            for name, value in record.items():
+                latest.setdefault(name, {})[step] = value
+    return {name: sorted(values.items()) for name, values in latest.items()}
+
+
+def plot_curves(history: Mapping[str, list[tuple[int, float]]], path: str | pathlib.Path,
+                prefixes: tuple[str, ...] = ("student_kd/", "student_scratch/")) -> None:
+    """One panel per training phase (metric-name prefix), one line per logged loss term, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(p, {k: v for k, v in history.items() if k.startswith(p)}) for p in prefixes]
+    panels = [(p, curves) for p, curves in panels if curves]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (prefix, curves) in zip(axes[0], panels):
+        for name, points in sorted(curves.items()):
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name[len(prefix):])
+        ax.set_title(prefix.rstrip("/"))
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def check_finite(scalars: Mapping[str, float], first_step: int, last_step: int) -> None:

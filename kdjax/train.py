@@ -20,6 +20,7 @@ from kdjax import checkpoints, data, models, optim
 TASKS: dict[str, str] = {
     "classifier_kd": "kdjax.classifier_kd",
     "gan": "kdjax.gan",
+    "distill": "kdjax.distill_job",
 }
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -68,7 +69,13 @@ def check_gan(config: ml_collections.ConfigDict) -> None:
     gan.check_gan_config(config)
 
 
-CHECKS = {"classifier_kd": check_classifier_kd, "gan": check_gan}
+def check_distill(config: ml_collections.ConfigDict) -> None:
+    from kdjax import distill_job
+
+    distill_job.check_config(config)
+
+
+CHECKS = {"classifier_kd": check_classifier_kd, "gan": check_gan, "distill": check_distill}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

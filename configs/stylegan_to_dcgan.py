@@ -1,0 +1,56 @@
+"""The main job: distill a StyleGAN2 teacher into a DCGAN student, train the same student from scratch, and
+report both against the teacher.
+
+    python launch.py --config=configs/stylegan_to_dcgan.py
+    python launch.py --config=configs/stylegan_to_dcgan.py --config.distill.weights.adv.value=0.1
+    python launch.py --config=configs/stylegan_to_dcgan.py --config.teacher.checkpoint=runs/my_teacher/generator/bundle \
+        --config.judge.checkpoint=runs/my_judge/teacher/bundle --config.data.source=folder --config.data.folder=IMAGES
+
+The default teacher and judge are the digits bundles shipped in `kdjax/pretrained/digits32/` (how they
+were made: that folder's README). The workdir receives report.md / report.json, the PNGs (samples side by
+side, loss curves, spectra) and TensorBoard events; see `kdjax/distill_job.py`.
+"""
+
+import ml_collections
+
+from kdjax import distill, pretrained
+from kdjax.config_schema import data_config, optimizer_config, phase_train_config, run_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = run_config("distill", log_every=50, checkpoint_every=250)
+    config.data = data_config(source="digits", resolution=32, channels=1)  # real data: D (optional) and the report
+    config.teacher = ml_collections.ConfigDict(dict(checkpoint=str(pretrained.DIGITS32_TEACHER)))  # a generator bundle
+    config.judge = ml_collections.ConfigDict(dict(checkpoint=str(pretrained.DIGITS32_JUDGE)))  # a classifier bundle
+    # The student generator; its z_dim (or w_dim with reuse_mapping), resolution and channels come from the teacher.
+    config.student = ml_collections.ConfigDict(dict(
+        model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(width=24, width_max=128))))
+    config.discriminator = ml_collections.ConfigDict(dict(  # for the adv term and the scratch baseline
+        model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128))))
+    config.distill = distill.distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1)
+    w = config.distill.weights
+    w.recon_l1.value = w.recon_l1.end_value = 1.0
+    w.perceptual.value = w.perceptual.end_value = 1.0
+    w.kl.value = w.kl.end_value = 0.1
+    # The student's budget; the scratch baseline gets the same steps, batch and optimizers.
+    config.train = phase_train_config(600, 64, name="adam", learning_rate=2e-3, b1=0.5, b2=0.99)
+    config.d_optimizer = optimizer_config("adam", 2e-3, b1=0.0, b2=0.99)
+    config.scratch = ml_collections.ConfigDict(dict(
+        enabled=True,  # train the from-scratch baseline (a `gan` phase on real data)
+        loss="logistic", r1_gamma=0.1, r1_every=16))
+    config.eval = ml_collections.ConfigDict(dict(
+        num_samples=1000,  # images per generator for FID/KID/PRDC and the fidelity metrics
+        timing_batch_sizes=(1, 64),  # images/s is measured at these batch sizes; the report quotes the last
+    ))
+    if arg == "tiny":  # what the tests and notebooks run: needs --config.teacher/judge.checkpoint of tiny bundles
+        config.data.resolution = 16
+        config.student.kwargs.update(dict(width=8, width_max=16))
+        config.discriminator.kwargs.update(dict(width=8, width_max=16))
+        config.train.num_steps, config.train.batch_size = 8, 16
+        config.distill.r1_every = config.scratch.r1_every = 2
+        config.log_every, config.checkpoint_every = 4, 4
+        config.eval.num_samples, config.eval.timing_batch_sizes = 32, (8,)
+        config.eval_batch_size = 32
+    elif arg:
+        raise ValueError(f"configs/stylegan_to_dcgan.py: unknown argument {arg!r}; valid: '', 'tiny'.")
+    return config

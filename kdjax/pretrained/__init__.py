@@ -1,0 +1,7 @@
+"""Model bundles shipped with kdjax (see README.md in this folder for how each was made)."""
+
+import pathlib
+
+ROOT = pathlib.Path(__file__).parent
+DIGITS32_TEACHER = ROOT / "digits32" / "teacher"  # StyleGAN2 generator (EMA), 32x32x1, trained on `digits`
+DIGITS32_JUDGE = ROOT / "digits32" / "judge"  # ResNet classifier of the digits at 32x32x1 (FID features, KL, perceptual)

@@ -1,0 +1,144 @@
+"""The main job (`configs/stylegan_to_dcgan.py:tiny`) end to end on tiny random-init teacher and judge bundles:
+the report has every figure the issue names, 8 devices equal 1, a stopped-and-resumed run equals an
+uninterrupted one, and bad inputs fail before any compute."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import checkpoints, distill_job, parallel, train
+from kdjax.models import build_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TEACHER = dict(z_dim=16, w_dim=16, img_resolution=16, img_channels=1, channel_base=256, channel_max=16,
+               mapping_layers=2)
+JUDGE = dict(num_classes=10, widths=(4, 8))
+
+
+def get_config(arg="tiny"):
+    spec = importlib.util.spec_from_file_location("stylegan_to_dcgan", ROOT / "configs" / "stylegan_to_dcgan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    key = jax.random.key(0)
+    teacher = build_model("stylegan2_generator", **TEACHER)
+    t_vars = teacher.init({"params": key, "noise": key}, jnp.zeros((2, 16)))
+    checkpoints.save_model_bundle(root / "teacher", "stylegan2_generator", TEACHER, t_vars)
+    judge = build_model("cnn", **JUDGE)
+    j_vars = judge.init(jax.random.fold_in(key, 1), jnp.zeros((2, 16, 16, 1)))
+    checkpoints.save_model_bundle(root / "judge", "cnn", JUDGE, j_vars)
+    return root
+
+
+def tiny_config(bundles, **overrides):
+    config = get_config()
+    config.teacher.checkpoint = str(bundles / "teacher")
+    config.judge.checkpoint = str(bundles / "judge")
+    for dotted, value in overrides.items():
+        block = config
+        *path, last = dotted.split(".")
+        for p in path:
+            block = block[p]
+        block[last] = value
+    return config
+
+
+def bundle_leaves(directory):
+    _, variables = checkpoints.load_model_bundle(directory)
+    return jax.tree.leaves(variables)
+
+
+@pytest.fixture(scope="module")
+def full_run(bundles, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    teacher_before = bundle_leaves(bundles / "teacher")
+    report = train.train_and_evaluate(tiny_config(bundles), workdir)
+    return workdir, report, teacher_before
+
+
+def test_report_has_every_figure_and_artefact(full_run, bundles):
+    workdir, report, teacher_before = full_run
+    on_disk = json.loads((workdir / "report.json").read_text())
+    for name in ("teacher", "student_kd", "student_scratch"):
+        assert set(distill_job.REPORT_KEYS) <= set(on_disk[name]), name
+        assert on_disk[name]["fid"] >= 0 and on_disk[name]["images_per_s"] > 0
+        assert on_disk[name]["flops_per_image"] > 0
+    for key in ("num_samples", "device"):
+        assert key in on_disk
+    assert on_disk["num_samples"] == 32
+    assert on_disk["teacher"]["psnr_vs_teacher"] is None
+    assert np.isfinite(on_disk["student_kd"]["psnr_vs_teacher"]) and np.isfinite(on_disk["student_kd"]["ssim_vs_teacher"])
+    assert on_disk["student_kd"]["params"] == on_disk["student_scratch"]["params"]
+    for f in ("report.md", "loss_curves.png", "eval/samples.png", "eval/spectra.png", "student_kd/bundle/model.json",
+              "student_scratch/bundle/model.json", "metrics.jsonl"):
+        assert (workdir / f).is_file(), f
+    assert "| student_kd |" in (workdir / "report.md").read_text()
+    assert list(workdir.glob("events.out.tfevents.*"))
+    # Every active term is logged at every log step (tiny: steps 4 and 8).
+    from kdjax import summaries
+
+    history = summaries.read_history(workdir)
+    for term in ("loss", "kl", "recon_l1", "perceptual"):
+        assert [s for s, _ in history[f"student_kd/{term}"]] == [4, 8], term
+    assert [s for s, _ in history["student_scratch/g_loss"]] == [4, 8]
+    # The frozen teacher bundle is untouched.
+    for a, b in zip(teacher_before, bundle_leaves(bundles / "teacher")):
+        np.testing.assert_array_equal(a, b)
+    assert report["student_kd"]["fid"] == on_disk["student_kd"]["fid"]
+
+
+def test_stop_and_resume_equals_uninterrupted(full_run, bundles, tmp_path):
+    workdir = full_run[0]
+    # Stop mid-distillation (step 5 of 8), then in the scratch phase (3 more KD steps + 2 scratch steps), then finish.
+    for budget in (5, 5, -1):
+        report = train.train_and_evaluate(tiny_config(bundles, stop_after_steps=budget), tmp_path)
+        assert (report is None) == (budget > 0)
+    for phase in ("student_kd", "student_scratch"):
+        for a, b in zip(bundle_leaves(workdir / phase / "bundle"), bundle_leaves(tmp_path / phase / "bundle")):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_eight_devices_equal_one_with_sgd(bundles, tmp_path, monkeypatch):
+    overrides = {"scratch.enabled": False, "train.optimizer.name": "sgd", "train.optimizer.learning_rate": 0.05,
+                 "d_optimizer.name": "sgd", "d_optimizer.learning_rate": 0.05, "eval.num_samples": 8,
+                 "distill.weights.feature.value": 0.5, "distill.weights.feature.end_value": 0.5,
+                 "distill.weights.adv.value": 0.1, "distill.weights.adv.end_value": 0.1, "distill.ema_decay": 0.5}
+    train.train_and_evaluate(tiny_config(bundles, **overrides), tmp_path / "eight")
+    make_mesh = parallel.make_mesh
+    monkeypatch.setattr(parallel, "make_mesh", lambda devices=None: make_mesh(jax.devices()[:1]))
+    train.train_and_evaluate(tiny_config(bundles, **overrides), tmp_path / "one")
+    eight, one = bundle_leaves(tmp_path / "eight/student_kd/bundle"), bundle_leaves(tmp_path / "one/student_kd/bundle")
+    assert len(eight) == len(one)
+    for a, b in zip(eight, one):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"teacher.checkpoint": "/nonexistent/teacher"}, "config.teacher.checkpoint"),
+    ({"data.resolution": 32}, "set --config.data.resolution"),
+    ({"student.kwargs.z_dim": 8}, "config.student.kwargs.z_dim"),
+    ({"distill.weights.kl.value": -1.0}, "config.distill.weights.kl"),
+    ({"distill.adv_loss": "wasserstein"}, "config.distill.adv_loss"),
+    ({"discriminator.model": "dcgan_generator"}, "config.discriminator.model"),
+])
+def test_bad_inputs_fail_before_compute_naming_the_field(bundles, overrides, message):
+    config = tiny_config(bundles, **overrides)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        train.check_config(config)
+
+
+def test_judge_must_be_a_classifier(bundles):
+    config = tiny_config(bundles)
+    config.judge.checkpoint = str(bundles / "teacher")
+    with pytest.raises(ValueError, match="not a classifier"):
+        train.check_config(config)
