@@ -33,7 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     w.perceptual.value = w.perceptual.end_value = 1.0
     w.kl.value = w.kl.end_value = 0.1
     # The student's budget; the scratch baseline gets the same steps, batch and optimizers.
-    config.train = phase_train_config(600, 64, name="adam", learning_rate=2e-3, b1=0.5, b2=0.99)
+    config.train = phase_train_config(500, 64, name="adam", learning_rate=2e-3, b1=0.5, b2=0.99)
     config.d_optimizer = optimizer_config("adam", 2e-3, b1=0.0, b2=0.99)
     config.scratch = ml_collections.ConfigDict(dict(
         enabled=True,  # train the from-scratch baseline (a `gan` phase on real data)

@@ -142,3 +142,11 @@ def test_judge_must_be_a_classifier(bundles):
     config.judge.checkpoint = str(bundles / "teacher")
     with pytest.raises(ValueError, match="not a classifier"):
         train.check_config(config)
+
+
+def test_default_config_validates_against_the_shipped_bundles():
+    from kdjax import pretrained
+
+    config = get_config("")
+    assert pathlib.Path(config.teacher.checkpoint) == pretrained.DIGITS32_TEACHER
+    train.check_config(config)  # the teacher and judge bundles exist and fit digits at 32x32x1
