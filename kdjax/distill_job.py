@@ -226,12 +226,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     teacher_row = teacher.apply(host_t_vars, sample_z, sample_y, noise_mode="const")
 
     def student_variables(s: distill.DistillState) -> dict[str, Any]:
+        """The EMA student's variables on the host (what the bundle holds)."""
         params, s_state = parallel.to_host((s.student_ema, s.student_state))
-        student_vars = {"params": params, **s_state}
+        return {"params": params, **s_state}
+
+    def eval_variables(student_vars: dict[str, Any]) -> dict[str, Any]:
         return mapped_variables(host_t_vars, student_vars) if d.reuse_mapping else student_vars
 
     def write_samples(step_number: int, s: distill.DistillState) -> None:
-        row = eval_gen.apply(student_variables(s), sample_z, sample_y, train=False)
+        row = eval_gen.apply(eval_variables(student_variables(s)), sample_z, sample_y, train=False)
         summaries.write_images(writer, workdir, step_number,
                                {"samples/teacher_vs_student_kd": jnp.concatenate([teacher_row, row])}, columns=8)
 
@@ -244,13 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if not finished:
         return None
     kd_vars = student_variables(state)
-    if d.reuse_mapping:  # the bundle holds the student alone; it consumes w (see MappedStudent)
-        checkpoints.save_model_bundle(workdir / "student_kd" / "bundle", config.student.model, s_kwargs,
-                                      {"params": parallel.to_host(state.student_ema), **parallel.to_host(state.student_state)},
-                                      extra={"consumes": "teacher w (reuse_mapping)"})
-    else:
-        checkpoints.save_model_bundle(workdir / "student_kd" / "bundle", config.student.model, s_kwargs, kd_vars)
-    generators = {"teacher": (teacher, host_t_vars), "student_kd": (eval_gen, kd_vars)}
+    # With reuse_mapping the bundle holds the student alone, which consumes the teacher's w (see MappedStudent).
+    extra = {"consumes": "teacher w (reuse_mapping)"} if d.reuse_mapping else None
+    checkpoints.save_model_bundle(workdir / "student_kd" / "bundle", config.student.model, s_kwargs, kd_vars, extra=extra)
+    generators = {"teacher": (teacher, host_t_vars), "student_kd": (eval_gen, eval_variables(kd_vars))}
 
     if config.scratch.enabled:
         scratch_cfg = scratch_config(config, t_spec["z_dim"])
