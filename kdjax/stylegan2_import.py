@@ -5,6 +5,9 @@ Command (writes an Orbax checkpoint that a config can name as its teacher direct
     python -m kdjax.stylegan2_import --pkl=network-snapshot.pkl --out=/path/to/teacher
         [--network=G_ema] [--conv_clamp=256]
 
+`--pkl` may also be an http(s):// or file:// URL: it is downloaded once into the cache folder
+(`$KDJAX_CACHE`, default ~/.cache/kdjax/pickles) and read from there, through the same restricted unpickler.
+
 DIR is a kdjax model bundle (`kdjax.checkpoints`): `variables/` (Orbax: params, w_avg, noise_consts) and
 `model.json` (the Generator's fields); `load_teacher(DIR)` rebuilds (module, variables).
 
@@ -15,10 +18,16 @@ module infers the architecture, maps every official name to ours and writes the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
 import re
+import shutil
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,7 +35,8 @@ import numpy as np
 from kdjax.safe_pickle import PersistentObject, UnsafePickleError, load_network_pickle, state_dict
 
 __all__ = ["PersistentObject", "UnsafePickleError", "load_network_pickle", "state_dict", "convert_generator",
-           "import_pickle", "load_teacher", "save_teacher"]
+           "fetch_pickle", "import_pickle", "load_teacher", "save_teacher"]
+URL_SCHEMES = ("http", "https", "file")
 
 
 # --- architecture inference ------------------------------------------------------------------------------
@@ -212,10 +222,42 @@ def load_teacher(teacher_dir: str | os.PathLike, dtype: Any = None, field: str =
     return build_model(meta["model"], **kwargs), dict(variables)
 
 
+def fetch_pickle(pkl: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """A local path for `pkl`: a path is checked and returned; an http(s)/file URL is downloaded once into
+    `cache_dir` (default `$KDJAX_CACHE` or ~/.cache/kdjax, sub-folder `pickles`) under a name made of the URL's
+    hash and file name, written to a temporary file first so that an interrupted download leaves nothing.
+    Raises FileNotFoundError (missing path) or OSError (download failed), naming `pkl`."""
+    text = os.fspath(pkl)
+    scheme = urllib.parse.urlparse(text).scheme
+    if scheme not in URL_SCHEMES:
+        path = pathlib.Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--pkl={text!r} is not an existing file; give a network pickle's path or an "
+                                    f"{'/'.join(URL_SCHEMES)} URL.")
+        return path
+    root = pathlib.Path(cache_dir or os.environ.get("KDJAX_CACHE") or pathlib.Path.home() / ".cache" / "kdjax")
+    name = pathlib.PurePosixPath(urllib.parse.urlparse(text).path).name or "network.pkl"
+    target = root / "pickles" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}-{name}"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".download-")
+    try:
+        print(f"Downloading {text} -> {target}", file=sys.stderr)
+        with urllib.request.urlopen(text) as response, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+        os.replace(partial, target)
+    except Exception as e:
+        pathlib.Path(partial).unlink(missing_ok=True)
+        raise OSError(f"--pkl={text!r}: download failed ({type(e).__name__}: {e}).") from e
+    return target
+
+
 def import_pickle(pkl: str | os.PathLike, out_dir: str | os.PathLike, network: str = "G_ema",
-                  **overrides: Any) -> pathlib.Path:
-    """Converts `network` of an official pickle to DIR (see the module docstring)."""
-    data = load_network_pickle(pkl)
+                  cache_dir: str | os.PathLike | None = None, **overrides: Any) -> pathlib.Path:
+    """Converts `network` of an official pickle (a path or URL, see `fetch_pickle`) to DIR (see the module
+    docstring)."""
+    data = load_network_pickle(fetch_pickle(pkl, cache_dir))
     if network not in data:
         raise KeyError(f"{pkl}: no {network!r} in the pickle (keys: {sorted(data)}).")
     g = data[network]
@@ -228,7 +270,8 @@ def import_pickle(pkl: str | os.PathLike, out_dir: str | os.PathLike, network: s
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pkl", required=True, help="official network pickle (stylegan2-ada-pytorch/stylegan3)")
+    p.add_argument("--pkl", required=True,
+                   help="official network pickle (stylegan2-ada-pytorch/stylegan3): a path or an http(s)/file URL")
     p.add_argument("--out", required=True, help="output model bundle directory (model.json + Orbax variables/)")
     p.add_argument("--network", default="G_ema", help="which network of the pickle (default G_ema)")
     p.add_argument("--conv_clamp", type=float, default=None,

@@ -7,6 +7,7 @@ paths, checkpoints) before any compute, raising `ValueError` with the bad field 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import pathlib
 from typing import Any
@@ -84,6 +85,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.task={config.task!r} is not a task; valid: {sorted(TASKS)}.")
     _check_common(config)
     CHECKS[config.task](config)
+
+
+def load_config(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a config file describes, as `--config=PATH[:ARG]` would load it (for notebooks and tests).
+
+    `spec` is `PATH` or `PATH:ARG` (e.g. "configs/stylegan_to_dcgan.py:tiny"); `get_config(ARG)` is called
+    when ARG is given. The result is unlocked: set fields directly, then call `train_and_evaluate`.
+    """
+    path_text, _, arg = str(spec).partition(":")
+    path = pathlib.Path(path_text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"config file {path_text!r} does not exist; expected a path like configs/NAME.py[:ARG].")
+    module_spec = importlib.util.spec_from_file_location(f"kdjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path_text!r} defines no get_config().")
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def run_checked(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Any:

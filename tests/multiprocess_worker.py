@@ -6,7 +6,6 @@ COORDINATOR "" means a single process. Used by tests/test_parallel.py, which com
 bundles and reports of a 2-process run and a 1-process run after the workers exit.
 """
 
-import importlib.util
 import pathlib
 import sys
 
@@ -20,10 +19,7 @@ if coordinator:
 from kdjax import train  # noqa: E402
 
 root = pathlib.Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("classifier_kd_config", root / "configs" / "classifier_kd.py")
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-config = module.get_config("tiny")
+config = train.load_config(f"{root / 'configs' / 'classifier_kd.py'}:tiny")
 config.async_checkpoints = False
 train.train_and_evaluate(config, workdir)
 print("worker done", jax.process_index(), jax.process_count(), jax.device_count())

@@ -132,3 +132,20 @@ def test_example_inputs_labels_only_for_conditional_generators_and_discriminator
     assert [a.shape for a in args] == [(2, 16, 16, 1)]
     with pytest.raises(ValueError, match="input_shape"):
         cost.example_inputs("cnn", clf, 2)
+
+
+def test_widest_under_budget_picks_the_last_width_that_fits():
+    """The chosen width fits the FLOPs budget and the next wider one does not (counts made here, one by one)."""
+    teacher = dict(z_dim=32, w_dim=32, img_resolution=16, img_channels=1, channel_base=512, channel_max=32,
+                   mapping_layers=2)
+    student = dict(z_dim=32, resolution=16, img_channels=1, width_max=64)
+    widths = (4, 8, 16, 32)
+    kwargs, ratio = cost.widest_under_budget("stylegan2_generator", teacher, widths=widths, budget=0.25, **student)
+    t_flops = cost.summary("stylegan2_generator", timed=False, **teacher).flops_per_image
+    flops = {w: cost.summary("dcgan_generator", timed=False, width=w, **student).flops_per_image for w in widths}
+    fits = [w for w in widths if flops[w] <= 0.25 * t_flops]
+    assert fits and fits[-1] != widths[-1], (flops, t_flops)  # the case must discriminate
+    assert kwargs == {**student, "width": fits[-1]}
+    assert ratio == pytest.approx(flops[fits[-1]] / t_flops)
+    with pytest.raises(ValueError, match="narrowest"):
+        cost.widest_under_budget("stylegan2_generator", teacher, widths=widths, budget=1e-6, **student)

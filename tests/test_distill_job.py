@@ -2,41 +2,27 @@
 the report has every figure the issue names, 8 devices equal 1, a stopped-and-resumed run equals an
 uninterrupted one, and bad inputs fail before any compute."""
 
-import importlib.util
 import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kdjax import checkpoints, distill_job, parallel, train
-from kdjax.models import build_model
+from kdjax.pretrained import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TEACHER = dict(z_dim=16, w_dim=16, img_resolution=16, img_channels=1, channel_base=256, channel_max=16,
-               mapping_layers=2)
-JUDGE = dict(num_classes=10, widths=(4, 8))
 
 
 def get_config(arg="tiny"):
-    spec = importlib.util.spec_from_file_location("stylegan_to_dcgan", ROOT / "configs" / "stylegan_to_dcgan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return train.load_config(f"{ROOT / 'configs' / 'stylegan_to_dcgan.py'}:{arg}")
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
-    key = jax.random.key(0)
-    teacher = build_model("stylegan2_generator", **TEACHER)
-    t_vars = teacher.init({"params": key, "noise": key}, jnp.zeros((2, 16)))
-    checkpoints.save_model_bundle(root / "teacher", "stylegan2_generator", TEACHER, t_vars)
-    judge = build_model("cnn", **JUDGE)
-    j_vars = judge.init(jax.random.fold_in(key, 1), jnp.zeros((2, 16, 16, 1)))
-    checkpoints.save_model_bundle(root / "judge", "cnn", JUDGE, j_vars)
+    tiny.write_tiny_bundles(root)
     return root
 
 

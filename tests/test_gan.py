@@ -1,7 +1,6 @@
 """The `gan` task: 8 devices equal 1 (SGD, including a lazy-R1 step), exact resume, the StyleGAN2
 teacher run exports a bundle that loads as a teacher."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -15,10 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_config(name, arg="tiny"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return train.load_config(f"{ROOT / 'configs' / name}.py:{arg}")
 
 
 def _gan_steps(devices, num_steps=3):
