@@ -1,22 +1,5 @@
-"""Test setup: the JAX CPU backend with 8 fake devices and a persistent compilation cache.
+"""The tests run on the JAX CPU backend with 8 fake devices (set up in the repository's root conftest.py)."""
 
-XLA_FLAGS must be set before jax is first imported, which is why this lives in conftest.py.
-"""
-
-import os
-import pathlib
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
-# On CPU the persistent cache only stores entries with these two thresholds lowered (docs/stack.md).
-_cache = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import jax  # noqa: E402  (after the environment is set)
+import jax
 
 assert jax.device_count() == 8, f"tests expect 8 fake CPU devices, got {jax.devices()}"

@@ -1,0 +1,20 @@
+"""pytest's environment for tests/ and notebooks/: the JAX CPU backend with 8 fake devices and a persistent
+compilation cache.
+
+XLA_FLAGS must be set before jax is first imported, which is why this lives in the root conftest.py (loaded
+before any test module). Notebook kernels inherit the environment too.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# On CPU the persistent cache only stores entries with these two thresholds lowered (docs/stack.md).
+_cache = pathlib.Path(__file__).resolve().parent / ".cache" / "jax"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
