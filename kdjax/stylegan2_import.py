@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--conv_clamp", type=float, default=None,
                    help="override conv_clamp (needed when the pickle has no init_kwargs)")
     args = p.parse_args(argv)
-    out = import_pickle(args.pkl, args.out, network=args.network, conv_clamp=args.conv_clamp)
+    try:
+        out = import_pickle(args.pkl, args.out, network=args.network, conv_clamp=args.conv_clamp)
+    except (OSError, ValueError, KeyError, UnsafePickleError) as e:  # bad path/URL/pickle: one line, no traceback
+        p.exit(2, f"kdjax: error: {e}\n")
     meta = json.loads((out / "model.json").read_text())
     print(f"Wrote {out} ({meta['kwargs']}).")
 

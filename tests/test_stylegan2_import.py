@@ -233,3 +233,12 @@ def test_pickle_from_a_url_is_downloaded_once_and_converts_the_same(official, tm
     assert not [p for p in (tmp_path / "cache3" / "pickles").iterdir()]
     with pytest.raises(FileNotFoundError, match="no_such.pkl"):
         si.fetch_pickle(tmp_path / "no_such.pkl")
+
+
+def test_command_reports_a_bad_pickle_path_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        si.main([f"--pkl={tmp_path / 'no_such.pkl'}", f"--out={tmp_path / 'out'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdjax: error:") and "no_such.pkl" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
