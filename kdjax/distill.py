@@ -38,6 +38,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from kdjax import gan as gan_lib
 from kdjax import losses, parallel
+from kdjax.models import stylegan2
 
 DATA = parallel.DATA_AXIS
 TERMS = ("kl", "recon_l1", "recon_l2", "perceptual", "feature", "adv")
@@ -73,6 +74,17 @@ def weight(cfg: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
     return losses.linear_schedule(step, cfg.value, cfg.end_value, cfg.start_step, cfg.end_step)
 
 
+def teacher_images(teacher: nn.Module, teacher_vars: Any, z: jax.Array, labels: jax.Array | None,
+                   truncation_psi: float = 1.0, return_features: bool = False):
+    """The frozen teacher's images (and, with `return_features`, its block features) for latents z: a StyleGAN2
+    teacher with its constant noise inputs and truncation `truncation_psi`; any other generator family (a
+    DCGAN teacher) in eval mode, where truncation must be 1 (`distill_job.check_config`)."""
+    if isinstance(teacher, stylegan2.Generator):
+        return teacher.apply(teacher_vars, z, labels, noise_mode="const", truncation_psi=truncation_psi,
+                             return_features=return_features)
+    return teacher.apply(teacher_vars, z, labels, train=False, return_features=return_features)
+
+
 def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, discriminator: nn.Module,
                       adapters: FeatureAdapters, s_tx: optax.GradientTransformation,
                       d_tx: optax.GradientTransformation, mesh: Mesh, cfg: ml_collections.ConfigDict,
@@ -97,9 +109,8 @@ def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, 
         step = state.step
         y = labels if num_classes else None
         # The frozen teacher: targets and (optionally) the w the student consumes. No gradient flows here.
-        t_kwargs = dict(truncation_psi=cfg.truncation_psi)
-        x_t, f_t = teacher.apply(teacher_vars, z, y, noise_mode="const", return_features=True, **t_kwargs)
-        student_in = (teacher.apply(teacher_vars, z, y, method=teacher.mapping, **t_kwargs)[:, 0]
+        x_t, f_t = teacher_images(teacher, teacher_vars, z, y, cfg.truncation_psi, return_features=True)
+        student_in = (teacher.apply(teacher_vars, z, y, method=teacher.mapping, truncation_psi=cfg.truncation_psi)[:, 0]
                       if cfg.reuse_mapping else z)
         x_t, f_t, student_in = jax.lax.stop_gradient((x_t, f_t, student_in))
         j_t, jf_t = judge.apply(judge_vars, x_t, train=False, return_features=True)

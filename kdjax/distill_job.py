@@ -127,6 +127,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.distill.alpha={d.alpha} must be in [0, 1].")
     if not 0.0 <= d.truncation_psi <= 1.0:
         raise ValueError(f"config.distill.truncation_psi={d.truncation_psi} must be in [0, 1].")
+    if d.truncation_psi != 1.0 and t_meta["model"] != "stylegan2_generator":
+        raise ValueError(f"config.distill.truncation_psi={d.truncation_psi} needs a StyleGAN2 teacher (a mapping "
+                         f"network to truncate); the teacher is a {t_meta['model']!r}: leave it at 1.0.")
     if d.adv_loss not in ADV_LOSSES:
         raise ValueError(f"config.distill.adv_loss={d.adv_loss!r}; valid: {list(ADV_LOSSES)}.")
     if d.r1_gamma < 0 or d.r1_every < 1:
@@ -223,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     eval_gen = MappedStudent(teacher, eval_student, d.truncation_psi) if d.reuse_mapping else eval_student
     sample_z = jax.random.normal(jax.random.fold_in(key, 7), (8, t_spec["z_dim"]))
     sample_y = jnp.arange(8) % shape[2] if shape[2] else None
-    teacher_row = teacher.apply(host_t_vars, sample_z, sample_y, noise_mode="const")
+    teacher_row = distill.teacher_images(teacher, host_t_vars, sample_z, sample_y)
 
     def student_variables(s: distill.DistillState) -> dict[str, Any]:
         """The EMA student's variables on the host (what the bundle holds)."""
