@@ -8,7 +8,8 @@ report both against the teacher.
 
 The default teacher and judge are the digits bundles shipped in `kdjax/pretrained/digits32/` (how they
 were made: that folder's README). The workdir receives report.md / report.json, the PNGs (samples side by
-side, loss curves, spectra) and TensorBoard events; see `kdjax/distill_job.py`.
+side, loss curves, spectra) and TensorBoard events; see `kdjax/distill_job.py`. The default command took
+6 min 55 s on the project's 2-core CPU (README, Results, with the figures it produced).
 """
 
 import ml_collections
