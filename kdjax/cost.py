@@ -239,16 +239,14 @@ def widest_under_budget(teacher: str, teacher_kwargs: Mapping[str, Any], student
     """
     teacher_flops = summary(teacher, timed=False, **teacher_kwargs).flops_per_image
     best: tuple[int, float] | None = None
-    narrowest = None
     for width in sorted(widths):
         flops = summary(student, timed=False, width=width, **student_kwargs).flops_per_image
-        narrowest = flops if narrowest is None else narrowest
-        if flops > budget * teacher_flops:
-            break  # FLOPs grow with the width
+        if flops > budget * teacher_flops:  # FLOPs grow with the width: no wider one fits either
+            if best is None:
+                raise ValueError(f"no {student} width in {sorted(widths)} fits {budget:.3g} x the teacher's "
+                                 f"{teacher_flops / 1e6:.1f} MFLOPs/image (the narrowest needs {flops / 1e6:.1f}).")
+            break
         best = (width, flops)
-    if best is None:
-        raise ValueError(f"no {student} width in {sorted(widths)} fits {budget:.3g} x the teacher's "
-                         f"{teacher_flops / 1e6:.1f} MFLOPs/image (the narrowest needs {narrowest / 1e6:.1f}).")
     return {**student_kwargs, "width": best[0]}, best[1] / teacher_flops
 
 

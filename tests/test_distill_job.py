@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import checkpoints, distill_job, parallel, train
+from kdjax import checkpoints, distill_job, models, parallel, train
 from kdjax.pretrained import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -112,8 +112,6 @@ def test_eight_devices_equal_one_with_sgd(bundles, tmp_path, monkeypatch):
 def test_reuse_mapping_job_exports_a_student_of_w_that_evaluates_through_the_teacher_mapping(bundles, tmp_path):
     """With reuse_mapping the whole job runs; the exported student takes w (the teacher's w_dim), and the
     generator the report evaluates (MappedStudent) equals mapping-then-student computed here by hand."""
-    from kdjax import models
-
     config = tiny_config(bundles, **{"distill.reuse_mapping": True, "distill.truncation_psi": 0.7,
                                      "scratch.enabled": False, "eval.num_samples": 8})
     report = train.train_and_evaluate(config, tmp_path)
@@ -133,8 +131,6 @@ def test_reuse_mapping_job_exports_a_student_of_w_that_evaluates_through_the_tea
 def test_a_dcgan_teacher_distils_and_truncation_needs_stylegan2(bundles, tmp_path):
     """Any generator bundle is a valid teacher: a (random) DCGAN teacher runs through the whole job, and the
     student it trains moves towards it (held-out L1 falls); truncation, which needs a mapping network, is refused."""
-    from kdjax import models
-
     kwargs = dict(z_dim=16, resolution=16, img_channels=1, width=8, width_max=16)
     teacher = models.build_model("dcgan_generator", **kwargs)
     t_vars = teacher.init(jax.random.key(5), jax.numpy.zeros((2, 16)))
