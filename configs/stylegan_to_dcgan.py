@@ -2,7 +2,7 @@
 report both against the teacher.
 
     python launch.py --config=configs/stylegan_to_dcgan.py
-    python launch.py --config=configs/stylegan_to_dcgan.py --config.distill.weights.adv.value=0.1
+    python launch.py --config=configs/stylegan_to_dcgan.py --config.distill.d_real_data=False  # data-free
     python launch.py --config=configs/stylegan_to_dcgan.py --config.teacher.checkpoint=runs/my_teacher/generator/bundle \
         --config.judge.checkpoint=runs/my_judge/teacher/bundle --config.data.source=folder --config.data.folder=IMAGES
 
@@ -28,11 +28,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(width=24, width_max=128))))
     config.discriminator = ml_collections.ConfigDict(dict(  # for the adv term and the scratch baseline
         model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128))))
-    config.distill = distill.distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1)
+    # D tells teacher images AND real data (real) from student images (fake), as TinyGAN's two adversarial
+    # terms do; --config.distill.d_real_data=False makes the run data-free. Why these defaults: README, Results.
+    config.distill = distill.distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1,
+                                            d_real_data=True)
     w = config.distill.weights
     w.recon_l1.value = w.recon_l1.end_value = 1.0
     w.perceptual.value = w.perceptual.end_value = 1.0
     w.kl.value = w.kl.end_value = 0.1
+    w.adv.value = w.adv.end_value = 1.0
     # The student's budget; the scratch baseline gets the same steps, batch and optimizers.
     config.train = phase_train_config(500, 64, name="adam", learning_rate=2e-3, b1=0.5, b2=0.99)
     config.d_optimizer = optimizer_config("adam", 2e-3, b1=0.0, b2=0.99)

@@ -37,7 +37,7 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh, PartitionSpec as P
 
 from kdjax import gan as gan_lib
-from kdjax import losses, parallel
+from kdjax import evaluate, losses, parallel
 from kdjax.models import stylegan2
 
 DATA = parallel.DATA_AXIS
@@ -74,15 +74,52 @@ def weight(cfg: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
     return losses.linear_schedule(step, cfg.value, cfg.end_value, cfg.start_step, cfg.end_step)
 
 
+class DistillationTargets(nn.Module):
+    """The frozen teacher as the student is taught to copy it: a StyleGAN2 teacher with its constant noise
+    inputs and truncation `truncation_psi`; any other generator family (a DCGAN teacher) in eval mode, where
+    truncation must be 1 (`distill_job.check_config`). A generator module itself, so the report evaluates
+    exactly these images as "the teacher" and as the students' fidelity reference. Its variables are the
+    teacher's one level down (`targets_variables`)."""
+
+    teacher: nn.Module
+    truncation_psi: float = 1.0
+
+    # The generator interface `evaluate.generator_spec` reads: the teacher's.
+    @property
+    def z_dim(self) -> int:
+        return self.teacher.z_dim
+
+    @property
+    def num_classes(self) -> int:
+        return evaluate.generator_spec(self.teacher)["num_classes"]
+
+    @property
+    def resolution(self) -> int:
+        return evaluate.generator_spec(self.teacher)["resolution"]
+
+    @property
+    def img_channels(self) -> int:
+        return self.teacher.img_channels
+
+    def __call__(self, z, labels=None, *, train: bool = False, return_features: bool = False):
+        del train  # the teacher is frozen: always eval mode
+        if isinstance(self.teacher, stylegan2.Generator):
+            return self.teacher(z, labels, noise_mode="const", truncation_psi=self.truncation_psi,
+                                return_features=return_features)
+        return self.teacher(z, labels, train=False, return_features=return_features)
+
+
+def targets_variables(teacher_vars: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables of `DistillationTargets` from the teacher's."""
+    return {collection: {"teacher": v} for collection, v in teacher_vars.items()}
+
+
 def teacher_images(teacher: nn.Module, teacher_vars: Any, z: jax.Array, labels: jax.Array | None,
                    truncation_psi: float = 1.0, return_features: bool = False):
-    """The frozen teacher's images (and, with `return_features`, its block features) for latents z: a StyleGAN2
-    teacher with its constant noise inputs and truncation `truncation_psi`; any other generator family (a
-    DCGAN teacher) in eval mode, where truncation must be 1 (`distill_job.check_config`)."""
-    if isinstance(teacher, stylegan2.Generator):
-        return teacher.apply(teacher_vars, z, labels, noise_mode="const", truncation_psi=truncation_psi,
-                             return_features=return_features)
-    return teacher.apply(teacher_vars, z, labels, train=False, return_features=return_features)
+    """The distillation targets (`DistillationTargets`) for latents z: images, and with `return_features`
+    the teacher's block features."""
+    return DistillationTargets(teacher, truncation_psi).apply(targets_variables(teacher_vars), z, labels,
+                                                              return_features=return_features)
 
 
 def make_distill_step(teacher: nn.Module, student: nn.Module, judge: nn.Module, discriminator: nn.Module,

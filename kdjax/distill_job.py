@@ -174,8 +174,8 @@ def init_state(teacher: nn.Module, teacher_vars: Any, student: nn.Module, discri
     teacher_feats = {}
     if isinstance(teacher, stylegan2.Generator):
         z = jax.ShapeDtypeStruct((2, teacher.z_dim), jnp.float32)
-        teacher_feats = jax.eval_shape(lambda v, z: teacher.apply(v, z, labels, noise_mode="const",
-                                                                  return_features=True)[1], teacher_vars, z)
+        teacher_feats = jax.eval_shape(lambda v, z: distill.teacher_images(teacher, v, z, labels,
+                                                                           return_features=True)[1], teacher_vars, z)
     student_feats = jax.eval_shape(lambda v: s_plain.apply(v, jnp.zeros((2, student_in_dim)), labels,
                                                            return_features=True)[1], s_vars)
     adapters = distill.FeatureAdapters({k: teacher_feats[k].shape[-1] for k in student_feats if k in teacher_feats})
@@ -226,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     eval_gen = MappedStudent(teacher, eval_student, d.truncation_psi) if d.reuse_mapping else eval_student
     sample_z = jax.random.normal(jax.random.fold_in(key, 7), (8, t_spec["z_dim"]))
     sample_y = jnp.arange(8) % shape[2] if shape[2] else None
-    teacher_row = distill.teacher_images(teacher, host_t_vars, sample_z, sample_y)
+    teacher_row = distill.teacher_images(teacher, host_t_vars, sample_z, sample_y, d.truncation_psi)
 
     def student_variables(s: distill.DistillState) -> dict[str, Any]:
         """The EMA student's variables on the host (what the bundle holds)."""
@@ -253,7 +253,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # With reuse_mapping the bundle holds the student alone, which consumes the teacher's w (see MappedStudent).
     extra = {"consumes": "teacher w (reuse_mapping)"} if d.reuse_mapping else None
     checkpoints.save_model_bundle(workdir / "student_kd" / "bundle", config.student.model, s_kwargs, kd_vars, extra=extra)
-    generators = {"teacher": (teacher, host_t_vars), "student_kd": (eval_gen, eval_variables(kd_vars))}
+    # "teacher" is what the students were taught to copy (constant noise, truncation psi): the fidelity reference.
+    generators = {"teacher": (distill.DistillationTargets(teacher, d.truncation_psi),
+                              distill.targets_variables(host_t_vars)),
+                  "student_kd": (eval_gen, eval_variables(kd_vars))}
 
     if config.scratch.enabled:
         scratch_cfg = scratch_config(config, t_spec["z_dim"])
@@ -321,4 +324,6 @@ def report_table(report: dict[str, Any], config: ml_collections.ConfigDict) -> s
         f"\n\nFID/KID/precision/recall against {report['num_real']} held-out {report['dataset']} images in the judge's "
         f"features ({report['num_samples']} samples per model; not comparable to Inception FID). Students: "
         f"{config.train.num_steps} steps at batch {config.train.batch_size}; distillation terms {active}. "
+        f"The teacher row is the distillation target the students are compared with (StyleGAN2: constant noise "
+        f"inputs, truncation psi {config.distill.truncation_psi}). "
         f"Device: {report['device']}.")

@@ -91,7 +91,10 @@ def load_config(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config a config file describes, as `--config=PATH[:ARG]` would load it (for notebooks and tests).
 
     `spec` is `PATH` or `PATH:ARG` (e.g. "configs/stylegan_to_dcgan.py:tiny"); `get_config(ARG)` is called
-    when ARG is given. The result is unlocked: set fields directly, then call `train_and_evaluate`.
+    when ARG is given. Set fields directly, then call `train_and_evaluate`. Like `--config` on the command line
+    the config is locked: a misspelt field raises AttributeError (naming the fields there are) instead of being
+    added. Model `kwargs` blocks stay open, since models take more arguments than a config lists; their names
+    are checked against the model by `check_config`.
     """
     path_text, _, arg = str(spec).partition(":")
     path = pathlib.Path(path_text).expanduser()
@@ -102,7 +105,19 @@ def load_config(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path_text!r} defines no get_config().")
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
+    config.lock()
+    open_kwargs_blocks(config)
+    return config
+
+
+def open_kwargs_blocks(config: ml_collections.ConfigDict) -> None:
+    """Unlocks every `kwargs` block under `config` (model arguments, free-form by design)."""
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict) and name == "kwargs":
+            value.unlock()
+        elif isinstance(value, ml_collections.ConfigDict):
+            open_kwargs_blocks(value)
 
 
 def run_checked(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Any:

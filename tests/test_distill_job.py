@@ -74,13 +74,31 @@ def test_report_has_every_figure_and_artefact(full_run, bundles):
     from kdjax import summaries
 
     history = summaries.read_history(workdir)
-    for term in ("loss", "kl", "recon_l1", "perceptual"):
+    for term in ("loss", "kl", "recon_l1", "perceptual", "adv", "d_loss", "r1_term"):
         assert [s for s, _ in history[f"student_kd/{term}"]] == [4, 8], term
     assert [s for s, _ in history["student_scratch/g_loss"]] == [4, 8]
     # The frozen teacher bundle is untouched.
     for a, b in zip(teacher_before, bundle_leaves(bundles / "teacher")):
         np.testing.assert_array_equal(a, b)
     assert report["student_kd"]["fid"] == on_disk["student_kd"]["fid"]
+
+
+def test_report_compares_students_with_the_teacher_images_they_were_taught(full_run, bundles):
+    """The report's teacher is the distillation target (a StyleGAN2 teacher with constant noise), not the teacher
+    with random noise: the KD student's L1 to it, recomputed here on the evaluation latents, matches."""
+    from kdjax import distill, evaluate
+
+    workdir, report, _ = full_run
+    t_meta, t_vars = checkpoints.load_model_bundle(bundles / "teacher")
+    s_meta, s_vars = checkpoints.load_model_bundle(workdir / "student_kd" / "bundle")
+    teacher, student = models.build_model(t_meta["model"], **t_meta["kwargs"]), models.build_model(s_meta["model"], **s_meta["kwargs"])
+    z = evaluate.latent_batch(0, 0, 32, teacher.z_dim, 0)["z"]  # tiny: 32 samples, eval batch 32, seed 0
+    x_s = np.asarray(student.apply(s_vars, z, None, train=False))
+    taught = np.asarray(distill.teacher_images(teacher, t_vars, z, None))
+    noisy = np.asarray(teacher.apply(t_vars, z, None, rngs={"noise": evaluate.batch_keys(0, 0)[2]}))
+    l1_taught, l1_noisy = np.abs(x_s - taught).mean(), np.abs(x_s - noisy).mean()
+    assert abs(l1_taught - l1_noisy) > 1e-3  # the two references are distinguishable here
+    np.testing.assert_allclose(report["student_kd"]["more"]["l1_vs_reference"], l1_taught, rtol=1e-4)
 
 
 def test_stop_and_resume_equals_uninterrupted(full_run, bundles, tmp_path):

@@ -162,7 +162,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_load_config_reads_a_file_with_its_argument_and_names_a_bad_path(tmp_path):
     tiny, full = train.load_config(f"{ROOT}/configs/classifier_kd.py:tiny"), train.load_config(ROOT / "configs/classifier_kd.py")
     assert tiny.teacher.train.num_steps == 20 and full.teacher.train.num_steps == 1500
-    tiny.kd.alpha = 0.5  # unlocked: a notebook sets fields directly
+    tiny.kd.alpha = 0.5  # a notebook sets fields directly
+    with pytest.raises(AttributeError, match='"alpa" does not exist.*Did you mean "alpha"'):
+        tiny.kd.alpa = 0.5  # locked like --config: a typo is not silently added
+    tiny.student.kwargs.depth = 3  # model kwargs stay open (check_config names unknown ones)
+    assert tiny.student.kwargs.depth == 3
     with pytest.raises(ValueError, match="no_such.py"):
         train.load_config(tmp_path / "no_such.py")
     (tmp_path / "empty.py").write_text("x = 1\n")

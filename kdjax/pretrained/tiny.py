@@ -19,6 +19,7 @@ from kdjax.models import build_model
 TEACHER_KWARGS = dict(z_dim=16, w_dim=16, img_resolution=16, img_channels=1, channel_base=256, channel_max=16,
                       mapping_layers=2)
 JUDGE_KWARGS = dict(num_classes=10, widths=(4, 8))
+NOISE_STRENGTH = 0.2  # the tiny teacher's per-layer noise strengths (random init has 0)
 
 
 def write_tiny_bundles(root: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
@@ -29,6 +30,9 @@ def write_tiny_bundles(root: str | pathlib.Path, seed: int = 0) -> tuple[pathlib
     res, ch = TEACHER_KWARGS["img_resolution"], TEACHER_KWARGS["img_channels"]
     teacher = build_model("stylegan2_generator", **TEACHER_KWARGS)
     t_vars = teacher.init({"params": key, "noise": key}, jnp.zeros((2, TEACHER_KWARGS["z_dim"])))
+    # StyleGAN2 initialises every noise strength at 0; a trained teacher's are not, and noise must matter here.
+    t_vars = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.full_like(v, NOISE_STRENGTH) if path[-1].key == "noise_strength" else v, t_vars)
     checkpoints.save_model_bundle(root / "teacher", "stylegan2_generator", TEACHER_KWARGS, t_vars)
     judge = build_model("cnn", **JUDGE_KWARGS)
     j_vars = judge.init(jax.random.fold_in(key, 1), jnp.zeros((2, res, res, ch)))
