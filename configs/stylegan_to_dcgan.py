@@ -31,7 +31,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128))))
     # Data-free: D tells teacher images (real) from student images (fake); --config.distill.d_real_data=True
     # shows it real data too. The weights are the best of those measured on the shipped teacher (README,
-    # Results): the judge's terms (kl, perceptual) lowered FID there, so they are off unless weighted, e.g.
+    # Results); the judge's terms (kl, perceptual) made FID worse where their effect was isolated, so they are
+    # off unless weighted, e.g.
     # --config.distill.weights.kl.value=0.1 --config.distill.weights.kl.end_value=0.1.
     config.distill = distill.distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1)
     w = config.distill.weights
