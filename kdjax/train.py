@@ -114,9 +114,11 @@ def load_config(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
 def open_kwargs_blocks(config: ml_collections.ConfigDict) -> None:
     """Unlocks every `kwargs` block under `config` (model arguments, free-form by design)."""
     for name, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict) and name == "kwargs":
+        if not isinstance(value, ml_collections.ConfigDict):
+            continue
+        if name == "kwargs":
             value.unlock()
-        elif isinstance(value, ml_collections.ConfigDict):
+        else:
             open_kwargs_blocks(value)
 
 
