@@ -49,7 +49,8 @@ def main(argv):
 
     if FLAGS.distributed or FLAGS.coordinator_address:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from kdjax import summaries, train
+    from kdjax import train
+    from kdjax.core import summaries
 
     summaries.quiet_library_logs()
 

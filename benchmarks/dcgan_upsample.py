@@ -1,4 +1,4 @@
-"""Time kdjax's GAN step (`kdjax.gan.make_gan_step`) for each DCGAN up-sampling mode, in one run.
+"""Time kdjax's GAN step (`kdjax.steps.gan.make_gan_step`) for each DCGAN up-sampling mode, in one run.
 
     python benchmarks/dcgan_upsample.py [--batch=64] [--iters=10]
 
@@ -12,8 +12,11 @@ import jax
 import numpy as np
 import optax
 
-from kdjax import cost, gan, models, parallel
-from kdjax.config_schema import gan_config
+from kdjax import models
+from kdjax.config import gan_config
+from kdjax.core import parallel
+from kdjax.evaluation import cost
+from kdjax.steps import gan
 from kdjax.models.dcgan import UPSAMPLE_MODES
 
 

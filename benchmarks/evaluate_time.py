@@ -12,11 +12,11 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kdjax import evaluate, models
-from kdjax.config_schema import data_config
-from kdjax.data import load_dataset, to_model_range
+from kdjax import models
+from kdjax.config import data_config
+from kdjax.core.data import all_images, load_dataset
+from kdjax.evaluation import generators as evaluate
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
             "student": (student, student.init(key, jnp.zeros((2, student.z_dim))))}
     judge_vars = judge.init(key, jnp.zeros((2, 32, 32, 1)))
     split = load_dataset(data_config(resolution=32, channels=1)).test
-    real = to_model_range(np.stack([split[i]["image"] for i in range(len(split))]))
+    real = all_images(split)
     report = evaluate.evaluate_generators(gens, (judge, judge_vars), real, reference="teacher",
                                           num_samples=args.num_samples, batch_size=256, seed=0,
                                           workdir=tempfile.mkdtemp())

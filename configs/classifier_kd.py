@@ -2,6 +2,7 @@
 
     python launch.py --config=configs/classifier_kd.py
     python launch.py --config=configs/classifier_kd.py:tiny          # seconds; what the tests run
+    python launch.py --config=configs/classifier_kd.py:tiny,seed=1   # any field as FIELD=VALUE (kdjax.config.args)
     python launch.py --config=configs/classifier_kd.py --config.kd.temperature=2 --config.kd.alpha=0.5
 
 On CIFAR-10 with a GPU (downloads the dataset where a network exists):
@@ -13,7 +14,7 @@ Time on the 2-core CPU of the project machine: see the README's Results section.
 
 import ml_collections
 
-from kdjax.config_schema import data_config, phase_train_config, run_config
+from kdjax.config import apply_arg, data_config, phase_train_config, run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -34,20 +35,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         alpha=0.1,  # weight of the hard-label cross-entropy; 1 - alpha goes to the soft (KL) term
         temperature=4.0,  # softmax temperature T of the soft term (which is scaled by T^2)
     ))
-    if arg == "tiny":  # the test-suite size: a few seconds end to end
-        config.data.resolution = 8
-        config.teacher.kwargs.widths = (8, 16)
-        config.teacher.kwargs.blocks_per_stage = (1, 1)
-        config.teacher.train.num_steps = config.student.train.num_steps = 20
-        config.teacher.train.batch_size = config.student.train.batch_size = 32
-        config.log_every = config.checkpoint_every = 10
-        config.eval_batch_size = 64
-    elif arg == "cifar10":
-        config.data = data_config(source="tfds", name="cifar10", resolution=32, channels=3)
-        config.teacher.kwargs.blocks_per_stage = (3, 3, 3)  # ResNet-20
-        config.student.kwargs.widths = (32, 64)
-        config.teacher.train.num_steps = config.student.train.num_steps = 30_000
-        config.compute_dtype = "bfloat16"
-    elif arg:
-        raise ValueError(f"configs/classifier_kd.py: unknown argument {arg!r}; valid: '', 'tiny', 'cifar10'.")
-    return config
+    return apply_arg(config, arg, VARIANTS, where="configs/classifier_kd.py")
+
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+    """The test-suite size: a few seconds end to end."""
+    config.data.resolution = 8
+    config.teacher.kwargs.widths = (8, 16)
+    config.teacher.kwargs.blocks_per_stage = (1, 1)
+    config.teacher.train.num_steps = config.student.train.num_steps = 20
+    config.teacher.train.batch_size = config.student.train.batch_size = 32
+    config.log_every = config.checkpoint_every = 10
+    config.eval_batch_size = 64
+
+
+def cifar10(config: ml_collections.ConfigDict) -> None:
+    """CIFAR-10 on a GPU/TPU (TFDS; downloads where a network exists): a ResNet-20 teacher."""
+    config.data = data_config(source="tfds", name="cifar10", resolution=32, channels=3)
+    config.teacher.kwargs.blocks_per_stage = (3, 3, 3)  # ResNet-20
+    config.student.kwargs.widths = (32, 64)
+    config.teacher.train.num_steps = config.student.train.num_steps = 30_000
+    config.compute_dtype = "bfloat16"
+
+
+VARIANTS = {"tiny": tiny, "cifar10": cifar10}

@@ -10,7 +10,7 @@ WORKDIR/generator/bundle.
 
 import ml_collections
 
-from kdjax.config_schema import data_config, gan_config, optimizer_config, phase_train_config, run_config
+from kdjax.config import apply_arg, data_config, gan_config, optimizer_config, phase_train_config, run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -23,13 +23,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.gan = gan_config(r1_gamma=0.1, ema_decay=0.999,
                             train=phase_train_config(5000, 64, name="adam", learning_rate=2e-3, b1=0.0, b2=0.99),
                             d_optimizer=optimizer_config("adam", 2e-3, b1=0.0, b2=0.99))
-    if arg == "tiny":
-        config.data.resolution = 16
-        config.generator.kwargs.update(dict(z_dim=16, width=8, width_max=16))
-        config.discriminator.kwargs.update(dict(width=8, width_max=16))
-        config.gan.train.num_steps, config.gan.train.batch_size = 12, 16
-        config.gan.r1_every = 4
-        config.log_every = config.checkpoint_every = 6
-    elif arg:
-        raise ValueError(f"configs/dcgan_scratch.py: unknown argument {arg!r}; valid: '', 'tiny'.")
-    return config
+    return apply_arg(config, arg, {"tiny": tiny}, where="configs/dcgan_scratch.py")
+
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+    """The test-suite size: seconds."""
+    config.data.resolution = 16
+    config.generator.kwargs.update(dict(z_dim=16, width=8, width_max=16))
+    config.discriminator.kwargs.update(dict(width=8, width_max=16))
+    config.gan.train.num_steps, config.gan.train.batch_size = 12, 16
+    config.gan.r1_every = 4
+    config.log_every = config.checkpoint_every = 6

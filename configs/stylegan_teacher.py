@@ -14,7 +14,7 @@ teacher's exact command and time are in `kdjax/pretrained/README.md`.
 
 import ml_collections
 
-from kdjax.config_schema import data_config, gan_config, run_config
+from kdjax.config import apply_arg, data_config, gan_config, run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -29,14 +29,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         kwargs=ml_collections.ConfigDict(dict(channel_base=4096, channel_max=128))))
     # R1 gamma: a starting value, not tuned (StyleGAN2-ADA's heuristic 0.0002 * res^2 / batch gives 0.003 here).
     config.gan = gan_config(r1_gamma=0.05, style_mixing_prob=0.9)
-    if arg == "tiny":
-        config.data.resolution = 16
-        config.generator.kwargs.update(dict(z_dim=16, w_dim=16, channel_base=256, channel_max=16,
-                                            mapping_layers=2))
-        config.discriminator.kwargs.update(dict(channel_base=256, channel_max=16))
-        config.gan.train.num_steps, config.gan.train.batch_size = 6, 32
-        config.gan.r1_every = 2
-        config.log_every = config.checkpoint_every = 3
-    elif arg:
-        raise ValueError(f"configs/stylegan_teacher.py: unknown argument {arg!r}; valid: '', 'tiny'.")
-    return config
+    return apply_arg(config, arg, {"tiny": tiny}, where="configs/stylegan_teacher.py")
+
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+    """The test-suite size: seconds."""
+    config.data.resolution = 16
+    config.generator.kwargs.update(dict(z_dim=16, w_dim=16, channel_base=256, channel_max=16, mapping_layers=2))
+    config.discriminator.kwargs.update(dict(channel_base=256, channel_max=16))
+    config.gan.train.num_steps, config.gan.train.batch_size = 6, 32
+    config.gan.r1_every = 2
+    config.log_every = config.checkpoint_every = 3

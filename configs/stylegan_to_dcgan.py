@@ -10,20 +10,20 @@ The default teacher and judge are the digits bundles shipped in `kdjax/pretraine
 were made: that folder's README). The workdir receives report.md / report.json, the PNGs (samples side by
 side, loss curves, spectra) and TensorBoard events; see `kdjax/distill_job.py`. The default command took
 6 min 15 s on the project's 2-core CPU (7 min 10 s with a fresh venv and install; README, Results, with the
-figures it produced).
+figures it produced). `:tiny` is the test size; `:FIELD=VALUE,...` sets fields (`kdjax.config.args`).
 """
 
 import ml_collections
 
-from kdjax import distill, pretrained
-from kdjax.config_schema import data_config, optimizer_config, phase_train_config, run_config
+from kdjax.config import (DIGITS32_JUDGE, DIGITS32_TEACHER, apply_arg, data_config, distill_config, optimizer_config,
+                          phase_train_config, run_config)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = run_config("distill", log_every=50, checkpoint_every=250)
     config.data = data_config(source="digits", resolution=32, channels=1)  # real data: D (optional) and the report
-    config.teacher = ml_collections.ConfigDict(dict(checkpoint=str(pretrained.DIGITS32_TEACHER)))  # a generator bundle
-    config.judge = ml_collections.ConfigDict(dict(checkpoint=str(pretrained.DIGITS32_JUDGE)))  # a classifier bundle
+    config.teacher = ml_collections.ConfigDict(dict(checkpoint=str(DIGITS32_TEACHER)))  # a generator bundle
+    config.judge = ml_collections.ConfigDict(dict(checkpoint=str(DIGITS32_JUDGE)))  # a classifier bundle
     # The student generator; its z_dim (or w_dim with reuse_mapping), resolution and channels come from the teacher.
     config.student = ml_collections.ConfigDict(dict(
         model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(width=24, width_max=128))))
@@ -34,7 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Results); the judge's terms (kl, perceptual) made FID worse where their effect was isolated, so they are
     # off unless weighted, e.g.
     # --config.distill.weights.kl.value=0.1 --config.distill.weights.kl.end_value=0.1.
-    config.distill = distill.distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1)
+    config.distill = distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1)
     w = config.distill.weights
     w.recon_l1.value = w.recon_l1.end_value = 1.0
     w.adv.value = w.adv.end_value = 0.1
@@ -48,15 +48,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         num_samples=1000,  # images per generator for FID/KID/PRDC and the fidelity metrics
         timing_batch_sizes=(1, 64),  # images/s is measured at these batch sizes; the report quotes the last
     ))
-    if arg == "tiny":  # what the tests and notebooks run: needs --config.teacher/judge.checkpoint of tiny bundles
-        config.data.resolution = 16
-        config.student.kwargs.update(dict(width=8, width_max=16))
-        config.discriminator.kwargs.update(dict(width=8, width_max=16))
-        config.train.num_steps, config.train.batch_size = 8, 16
-        config.distill.r1_every = config.scratch.r1_every = 2
-        config.log_every, config.checkpoint_every = 4, 4
-        config.eval.num_samples, config.eval.timing_batch_sizes = 32, (8,)
-        config.eval_batch_size = 32
-    elif arg:
-        raise ValueError(f"configs/stylegan_to_dcgan.py: unknown argument {arg!r}; valid: '', 'tiny'.")
-    return config
+    return apply_arg(config, arg, {"tiny": tiny}, where="configs/stylegan_to_dcgan.py")
+
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+    """What the tests and notebooks run: needs --config.teacher/judge.checkpoint of 16x16 bundles
+    (`kdjax.pretrained.tiny`)."""
+    config.data.resolution = 16
+    config.student.kwargs.update(dict(width=8, width_max=16))
+    config.discriminator.kwargs.update(dict(width=8, width_max=16))
+    config.train.num_steps, config.train.batch_size = 8, 16
+    config.distill.r1_every = config.scratch.r1_every = 2
+    config.log_every, config.checkpoint_every = 4, 4
+    config.eval.num_samples, config.eval.timing_batch_sizes = 32, (8,)
+    config.eval_batch_size = 32

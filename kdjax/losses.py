@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from kdjax.evaluation.fidelity import _as_maps, _check_feature_keys
+Features = Mapping[str, jax.Array]
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -67,7 +67,7 @@ def classic_kd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax
     return alpha * ce + (1.0 - alpha) * kl, {"ce": ce, "kl": kl}
 
 
-# --- Generator distillation (issue 4): reconstruction, feature, perceptual, adversarial, R1, schedules.
+# --- Generator distillation: reconstruction, feature, perceptual, adversarial, R1.
 # Images are NHWC; feature dicts map a layer name to a (B, H, W, C) map (or a (B, C) vector).
 
 def l1(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -104,11 +104,11 @@ def feature_matching(student_feats: Mapping[str, jax.Array],
                                for k in shared]))
 
 
-def _normalize_channels(f: jax.Array, eps: float = 1e-10) -> jax.Array:
-    """f / (||f||_2 over the last axis + eps): the value of fidelity.normalize_channels, with a gradient.
+def normalize_channels(f: jax.Array, eps: float = 1e-10) -> jax.Array:
+    """n(f) = f / (||f||_2 over the last axis + eps), as LPIPS's `normalize_tensor`, in float32.
 
-    fidelity's version takes sqrt(sum f^2) directly, whose gradient is NaN where a channel vector is all
-    zero (common after a ReLU); here the norm is 0 there with a zero gradient, the same forward value.
+    The norm is taken as 0 (with a zero gradient) where a channel vector is all zero, as happens after a
+    ReLU, so the function is safe to differentiate; sqrt(sum f^2) there has a NaN gradient.
     """
     f = f.astype(jnp.float32)
     sq = jnp.sum(f * f, axis=-1, keepdims=True)
@@ -117,23 +117,49 @@ def _normalize_channels(f: jax.Array, eps: float = 1e-10) -> jax.Array:
     return f / (norm + eps)
 
 
-def perceptual(feats_a: Mapping[str, jax.Array], feats_b: Mapping[str, jax.Array]) -> jax.Array:
-    """P(a, b) = mean_{b, layer, h, w} || n(a)[b,h,w] - n(b)[b,h,w] ||_2^2, with n(f) = f / (||f||_C + eps).
+def as_maps(f: jax.Array) -> jax.Array:
+    """(B, C) vectors become (B, 1, 1, C) maps; (B, H, W, C) maps stay."""
+    if f.ndim == 2:
+        return f[:, None, None, :]
+    if f.ndim != 4:
+        raise ValueError(f"Features must be (B, C) or (B, H, W, C), got shape {f.shape}.")
+    return f
 
-    The training-time counterpart of `kdjax.evaluation.fidelity.perceptual_distance` (LPIPS "baseline",
-    no learned weights) with the same definition: squared L2 distance over channels of channel-normalised
-    maps (eps = 1e-10), averaged over positions, then layers, then here the batch; (B, C) vectors count as
-    1 x 1 maps. Differs only in being safe to differentiate where a channel vector is all zero. Callers stop
-    the teacher side's gradient if it should be constant. Same keys and shapes required (ValueError).
+
+def shared_feature_keys(feats_a: Features, feats_b: Features) -> list[str]:
+    """The sorted layer names of two feature dicts, which must have the same non-empty key set."""
+    if set(feats_a) != set(feats_b) or not feats_a:
+        raise ValueError(f"Feature dicts differ or are empty: {sorted(feats_a)} vs {sorted(feats_b)}.")
+    return sorted(feats_a)
+
+
+def perceptual_distance(feats_a: Features, feats_b: Features) -> jax.Array:
+    """Per image, (B,): d(a, b) = mean over layers l of mean_{h, w} || n(a_l)[h, w] - n(b_l)[h, w] ||_2^2.
+
+    The LPIPS "baseline" distance without learned weights, on channel-normalised feature maps (`n` above);
+    (B, C) vectors count as 1 x 1 maps. The one definition of the perceptual distance in kdjax: the training
+    term `perceptual`, the fidelity metric and the diversity score all use it.
+
+    Args:
+      feats_a, feats_b: layer name -> (B, H, W, C) maps (or (B, C) vectors), same keys and shapes.
     """
     per_layer = []
-    for name in _check_feature_keys(feats_a, feats_b):
-        fa, fb = _as_maps(feats_a[name]), _as_maps(feats_b[name])
+    for name in shared_feature_keys(feats_a, feats_b):
+        fa, fb = as_maps(feats_a[name]), as_maps(feats_b[name])
         if fa.shape != fb.shape:
-            raise ValueError(f"perceptual: layer {name!r}: shapes differ, {fa.shape} vs {fb.shape}.")
-        d = jnp.sum(jnp.square(_normalize_channels(fa) - _normalize_channels(fb)), axis=-1)  # (B, H, W)
-        per_layer.append(jnp.mean(d))
-    return jnp.mean(jnp.stack(per_layer))
+            raise ValueError(f"Layer {name!r}: shapes differ, {fa.shape} vs {fb.shape}.")
+        d = jnp.sum((normalize_channels(fa) - normalize_channels(fb)) ** 2, axis=-1)  # (B, H, W)
+        per_layer.append(jnp.mean(d, axis=(1, 2)))
+    return jnp.mean(jnp.stack(per_layer), axis=0)
+
+
+def perceptual(feats_a: Features, feats_b: Features) -> jax.Array:
+    """P(a, b) = mean_b perceptual_distance(a, b)[b]: the batch mean of `perceptual_distance`.
+
+    Callers stop the teacher side's gradient if it should be constant. Same keys and shapes required
+    (ValueError).
+    """
+    return jnp.mean(perceptual_distance(feats_a, feats_b))
 
 
 def d_logistic(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
@@ -180,25 +206,8 @@ def r1_penalty(d_fn: Callable[[jax.Array], jax.Array], real_images: jax.Array) -
     return jnp.mean(jnp.sum(jnp.square(grads), axis=-1))
 
 
-def constant(step: jax.Array | int, value: float) -> jax.Array:
-    """A weight that does not change: `value` (float32) at every step."""
-    del step
-    return jnp.asarray(value, jnp.float32)
-
-
-def linear_schedule(step: jax.Array | int, start_value: float, end_value: float, start_step: int,
-                    end_step: int) -> jax.Array:
-    """w(step) = start_value + (end_value - start_value) * clip((step - s0) / (s1 - s0), 0, 1).
-
-    With s0 = start_step, s1 = end_step: constant before s0 and after s1 (e.g. TinyGAN's decaying pixel
-    weight). Jit-safe: `step` may be traced; the other arguments are Python numbers. s1 == s0 is a step
-    from start_value to end_value at s0.
-    """
-    step = jnp.asarray(step, jnp.float32)
-    if end_step < start_step:
-        raise ValueError(f"linear_schedule: end_step {end_step} < start_step {start_step}.")
-    if end_step == start_step:
-        frac = (step >= start_step).astype(jnp.float32)
-    else:
-        frac = jnp.clip((step - start_step) / float(end_step - start_step), 0.0, 1.0)
-    return jnp.asarray(start_value, jnp.float32) + (end_value - start_value) * frac
+# Adversarial objectives by config name: (generator loss, discriminator loss).
+ADVERSARIAL: dict[str, tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array, jax.Array], jax.Array]]] = {
+    "logistic": (g_nonsaturating, d_logistic),
+    "hinge": (g_hinge, d_hinge),
+}

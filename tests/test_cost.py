@@ -1,14 +1,14 @@
 """kdjax.cost: what XLA's cost analysis counts (exactly), parameter counts, timing and the command."""
 
-import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import cost
-from kdjax.models import dcgan
+from kdjax import cost as cost_cli
+from kdjax.evaluation import cost, sizing
+from kdjax.models import build_model, dcgan
 
 # 'rbg' keys: XLA:CPU compiles threefry random draws slowly (a small D's jitted init took 8.9 s to
 # compile with threefry, 1.3 s with rbg); the parameter values do not matter here.
@@ -113,7 +113,7 @@ def test_summary_and_command(capsys):
     assert s.params == cost.count_params(v) and s.flops_per_image > 0
     assert set(s.images_per_second) == {2} and s.images_per_second[2] > 0
     assert "img/s @2" in cost.format_table([s])
-    cost.main(["dcgan_discriminator", "resolution=16", "width=8", "num_classes=3", "--no-timing"])
+    cost_cli.main(["dcgan_discriminator", "resolution=16", "width=8", "num_classes=3", "--no-timing"])
     out = capsys.readouterr().out
     assert "dcgan_discriminator" in out and "MFLOPs/img" in out and "img/s" not in out
     with pytest.raises(ValueError, match="no field"):
@@ -121,15 +121,18 @@ def test_summary_and_command(capsys):
 
 
 def test_example_inputs_labels_only_for_conditional_generators_and_discriminators():
-    clf = types.SimpleNamespace(num_classes=10)  # a classifier's num_classes is its output size
+    clf = build_model("cnn", num_classes=10)  # a classifier's num_classes is its output size
     args, kw = cost.example_inputs("cnn", clf, 2, input_shape=(8, 8, 3))
     assert [a.shape for a in args] == [(2, 8, 8, 3)] and kw == {"train": False}
-    gen = types.SimpleNamespace(z_dim=7, c_dim=4)  # StyleGAN2 style
+    gen = build_model("stylegan2_generator", z_dim=7, c_dim=4)
     args, _ = cost.example_inputs("stylegan2_generator", gen, 3)
     assert [a.shape for a in args] == [(3, 7), (3,)] and int(args[1].max()) < 4
-    disc = types.SimpleNamespace(img_resolution=16, img_channels=1, c_dim=0)
+    disc = build_model("stylegan2_discriminator", img_resolution=16, img_channels=1, c_dim=0)
     args, _ = cost.example_inputs("stylegan2_discriminator", disc, 2)
     assert [a.shape for a in args] == [(2, 16, 16, 1)]
+    disc = build_model("dcgan_discriminator", resolution=16, img_channels=3, num_classes=5)
+    args, _ = cost.example_inputs("dcgan_discriminator", disc, 2)
+    assert [a.shape for a in args] == [(2, 16, 16, 3), (2,)]
     with pytest.raises(ValueError, match="input_shape"):
         cost.example_inputs("cnn", clf, 2)
 
@@ -140,7 +143,7 @@ def test_widest_under_budget_picks_the_last_width_that_fits():
                    mapping_layers=2)
     student = dict(z_dim=32, resolution=16, img_channels=1, width_max=64)
     widths = (4, 8, 16, 32)
-    kwargs, ratio = cost.widest_under_budget("stylegan2_generator", teacher, widths=widths, budget=0.25, **student)
+    kwargs, ratio = sizing.widest_under_budget("stylegan2_generator", teacher, widths=widths, budget=0.25, **student)
     t_flops = cost.summary("stylegan2_generator", timed=False, **teacher).flops_per_image
     flops = {w: cost.summary("dcgan_generator", timed=False, width=w, **student).flops_per_image for w in widths}
     fits = [w for w in widths if flops[w] <= 0.25 * t_flops]
@@ -148,4 +151,4 @@ def test_widest_under_budget_picks_the_last_width_that_fits():
     assert kwargs == {**student, "width": fits[-1]}
     assert ratio == pytest.approx(flops[fits[-1]] / t_flops)
     with pytest.raises(ValueError, match="narrowest"):
-        cost.widest_under_budget("stylegan2_generator", teacher, widths=widths, budget=1e-6, **student)
+        sizing.widest_under_budget("stylegan2_generator", teacher, widths=widths, budget=1e-6, **student)

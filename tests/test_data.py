@@ -5,8 +5,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kdjax import data
-from kdjax.config_schema import data_config
+from kdjax.config import data_config
+from kdjax.core import data
 
 
 @pytest.fixture(scope="module")

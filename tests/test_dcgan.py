@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from kdjax import cost
+from kdjax.evaluation import cost
 from kdjax.models import build_model, dcgan
 
 RESOLUTIONS = [16, 32, 64, 128, 256, 512, 1024]

@@ -2,12 +2,16 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from kdjax import distill, losses, parallel
+from kdjax import losses
+from kdjax.config import distill_config
+from kdjax.core import parallel
 from kdjax.models import build_model
+from kdjax.steps import distill
 
 Z = 16
 TEACHER = dict(z_dim=Z, w_dim=Z, img_resolution=16, img_channels=1, channel_base=256, channel_max=16,
@@ -36,7 +40,8 @@ def setup(cfg, optimizer, devices=None, seed=0):
                                  d_params=d_vars["params"], d_state={}, d_opt=optimizer.init(d_vars["params"]),
                                  student_ema=s_vars["params"])
     mesh = parallel.make_mesh(devices)
-    step = distill.make_distill_step(teacher, student, judge, disc, adapters, optimizer, optimizer, mesh, cfg, 0, key)
+    objective = distill.Objective(teacher, student, judge, disc, adapters, cfg, 0)
+    step = distill.make_distill_step(objective, optimizer, optimizer, mesh, key)
     return dict(teacher=(teacher, t_vars), student=plain, judge=(judge, j_vars), state=parallel.replicate(state, mesh),
                 step=step, mesh=mesh, t_vars=parallel.replicate(t_vars, mesh), j_vars=parallel.replicate(j_vars, mesh))
 
@@ -60,7 +65,7 @@ def held_out(env, state, z):
 
 
 def config_with(**weights):
-    cfg = distill.distill_config(r1_every=2, r1_gamma=1.0, ema_decay=0.9)
+    cfg = distill_config(r1_every=2, r1_gamma=1.0, ema_decay=0.9)
     for term, value in weights.items():
         cfg.weights[term].value = cfg.weights[term].end_value = value
     return cfg
@@ -118,3 +123,12 @@ def test_student_can_reuse_the_teacher_mapping():
     env = setup(cfg, optax.adam(3e-3))
     state, metrics = run(env, 2)
     assert np.isfinite(metrics["loss"])
+
+
+def test_term_weight_schedules_under_jit():
+    """A term's weight: constant, or linear from value to end_value over [start_step, end_step] (by hand)."""
+    term = lambda **kw: ml_collections.ConfigDict(dict(dict(value=10.0, end_value=1.0, start_step=100, end_step=300), **kw))
+    sched = jax.jit(lambda s: distill.weight(term(), s))
+    for step, want in [(0, 10.0), (100, 10.0), (200, 5.5), (300, 1.0), (10_000, 1.0)]:
+        assert float(sched(jnp.asarray(step))) == pytest.approx(want, rel=1e-6)
+    assert float(jax.jit(lambda s: distill.weight(term(value=0.25, end_step=0), s))(jnp.asarray(7))) == 0.25

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import checkpoints, evaluate
-from kdjax.config_schema import data_config
-from kdjax.data import load_dataset, to_model_range
+from kdjax import evaluate
+from kdjax.config import data_config
+from kdjax.core.data import all_images, load_dataset
+from kdjax.evaluation import generators
+from kdjax.models import bundles as checkpoints
 from kdjax.evaluation import fid
 from kdjax.models import build_model
 
@@ -48,7 +50,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_images():
     split = load_dataset(data_config(resolution=RES, channels=1)).test
-    return to_model_range(np.stack([split[i]["image"] for i in range(len(split))]))
+    return all_images(split)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def report(run_dir, real_images, tmp_path_factory):
     other = build_model("dcgan_generator", **dict(GEN, z_dim=8))  # no identical latents: fidelity skipped
     gens["other_z"] = (other, other.init(jax.random.key(3), jnp.zeros((1, 8))))
     workdir = tmp_path_factory.mktemp("eval")
-    out = evaluate.evaluate_generators(gens, judge, real_images, reference="teacher", num_samples=NUM_SAMPLES,
+    out = generators.evaluate_generators(gens, judge, real_images, reference="teacher", num_samples=NUM_SAMPLES,
                                        batch_size=BATCH, seed=0, workdir=workdir)
     return out, gens, judge, workdir
 
@@ -123,11 +125,11 @@ def test_load_models_rejects_mismatches_before_compute(run_dir):
         evaluate.load_models(dirs, judge, "nope", RES, 1)
     with pytest.raises(ValueError, match="--generator=teacher=.*16x16x1 images; the data is 32x32x1"):
         evaluate.load_models(dirs, judge, None, 32, 1)
-    with pytest.raises(ValueError, match="not a generator"):
+    with pytest.raises(ValueError, match=r"holds a .cnn. \(classifier\); a generator bundle is needed"):
         evaluate.load_models({"j": judge}, judge, None, RES, 1)
     _, (judge_model, judge_vars) = evaluate.load_models(dirs, judge, None, RES, 1)
     with pytest.raises(ValueError, match="--judge=.*does not accept the data's 16x16x3"):
-        evaluate._check_judge(judge_model, judge_vars, RES, 3, f"--judge={judge!r}")
+        evaluate.check_judge(judge_model, judge_vars, RES, 3, f"--judge={judge!r}")
 
 
 def _cli(*args):
@@ -166,7 +168,7 @@ def test_external_embedding_adds_inception_figures(run_dir, real_images, tmp_pat
     embed_vars = embed.init(jax.random.key(5), jnp.zeros((1, RES, RES, 1)))
     gens, judge = evaluate.load_models({"teacher": str(run_dir / "teacher" / "bundle")},
                                        str(run_dir / "judge" / "bundle"), None, RES, 1)
-    out = evaluate.evaluate_generators(gens, judge, real_images, reference=None, num_samples=NUM_SAMPLES,
+    out = generators.evaluate_generators(gens, judge, real_images, reference=None, num_samples=NUM_SAMPLES,
                                        batch_size=BATCH, seed=0, workdir=tmp_path, timing_batch_sizes=(1,),
                                        inception=(embed, embed_vars))
     model, variables = gens["teacher"]

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import checkpoints, data, gan, models, optim, parallel, stylegan2_import, train
+from kdjax import train
+from kdjax.config import optimizer_config
+from kdjax.core import data, optim, parallel
+from kdjax.importers import stylegan2 as stylegan2_import
+from kdjax.models import bundles as checkpoints
+from kdjax.steps import gan
+from kdjax.tasks.phase import model_from_block
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -19,11 +25,11 @@ def load_config(name, arg="tiny"):
 
 def _gan_steps(devices, num_steps=3):
     config = load_config("dcgan_scratch")
-    config.gan.train.optimizer = optim.optimizer_config("sgd", 0.05)
-    config.gan.d_optimizer = optim.optimizer_config("sgd", 0.05)
+    config.gan.train.optimizer = optimizer_config("sgd", 0.05)
+    config.gan.d_optimizer = optimizer_config("sgd", 0.05)
     config.gan.r1_every, config.gan.r1_gamma = 2, 1.0  # steps 0 and 2 carry the R1 term
     shape = (16, 1, 0)
-    mk = lambda block: models.build_model(block.model, **gan.model_kwargs(block, shape), **gan.FAMILIES[block.model]["dp"])
+    mk = lambda block: model_from_block(block, shape, jnp.float32)[0]
     g, d = mk(config.generator), mk(config.discriminator)
     g_tx = optim.make_optimizer(config.gan.train.optimizer, 10)
     d_tx = optim.make_optimizer(config.gan.d_optimizer, 10)
@@ -70,6 +76,28 @@ def test_stylegan_teacher_run_exports_a_loadable_teacher(tmp_path):
     assert np.abs(np.asarray(w_avg)).sum() > 0  # tracked during training (it starts at zero)
     images = generator.apply(variables, jnp.ones((2, generator.z_dim)), noise_mode="const")
     assert images.shape == (2, 16, 16, 1) and np.isfinite(np.asarray(images)).all()
+
+
+def test_warm_start_from_a_bundle_with_generator_warmup(tmp_path):
+    """init_generator starts G and its EMA from a bundle; during g_warmup_steps only D moves."""
+    train.train_and_evaluate(load_config("dcgan_scratch"), tmp_path / "a")
+    bundle = tmp_path / "a" / "generator" / "bundle"
+    config = load_config("dcgan_scratch")
+    config.gan.init_generator, config.gan.g_warmup_steps = str(bundle), 4
+    config.gan.train.num_steps = 4
+    train.train_and_evaluate(config, tmp_path / "b")
+    start = checkpoints.load_model_bundle(bundle)[1]
+    after = checkpoints.load_model_bundle(tmp_path / "b" / "generator" / "bundle")[1]
+    for x, y in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(after["params"])):
+        np.testing.assert_array_equal(x, y)  # G frozen for the 4 warm-up steps, its EMA too
+    config.gan.train.num_steps = 6  # the same run continued: G moves once the warm-up is over
+    train.train_and_evaluate(config, tmp_path / "b")
+    moved = checkpoints.load_model_bundle(tmp_path / "b" / "generator" / "bundle")[1]
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(start["params"]),
+                                                        jax.tree.leaves(moved["params"])))
+    config.generator.kwargs.width = 4
+    with pytest.raises(ValueError, match="config.gan.init_generator=.* holds a 'dcgan_generator' with {'width': 8}"):
+        train.check_config(config)
 
 
 def test_gan_config_errors():

@@ -13,9 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import checkpoints, classifier_kd, losses, parallel
+from kdjax import losses
+from kdjax.core import parallel
+from kdjax.models import bundles as checkpoints
+from kdjax.steps import classifier as classifier_kd
 from kdjax.models.classifier import ResNet
-from kdjax.train_state import TrainState
+from kdjax.steps.state import TrainState
 
 HERE = pathlib.Path(__file__).resolve().parent
 

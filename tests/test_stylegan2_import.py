@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from kdjax import stylegan2_import as si  # noqa: E402
+from kdjax import stylegan2_import as si_cli  # noqa: E402
+from kdjax.importers import stylegan2 as si  # noqa: E402
 
 from official_pickle import CFG, FILTER2D, write_pickle  # noqa: E402  (tests/ is on sys.path)
 
@@ -103,7 +104,7 @@ def t_synthesis(g, ws, clamp):
 def test_convert_command_load_and_generate(official, tmp_path):
     path, _ = official
     out = tmp_path / "teacher"
-    si.main([f"--pkl={path}", f"--out={out}"])
+    si_cli.main([f"--pkl={path}", f"--out={out}"])
     gen, variables = si.load_teacher(out)
     kw = {k: getattr(gen, k) for k in ("z_dim", "w_dim", "c_dim", "img_resolution", "channel_base",
                                        "channel_max", "mapping_layers", "conv_clamp")}
@@ -237,7 +238,7 @@ def test_pickle_from_a_url_is_downloaded_once_and_converts_the_same(official, tm
 
 def test_command_reports_a_bad_pickle_path_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        si.main([f"--pkl={tmp_path / 'no_such.pkl'}", f"--out={tmp_path / 'out'}"])
+        si_cli.main([f"--pkl={tmp_path / 'no_such.pkl'}", f"--out={tmp_path / 'out'}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("kdjax: error:") and "no_such.pkl" in err and "Traceback" not in err

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kdjax import checkpoints, train
+from kdjax import train
+from kdjax.core import checkpoints
+from kdjax.models import bundles
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -21,7 +23,7 @@ def load_config(name="classifier_kd", arg="tiny"):
 
 
 def bundle_params(path):
-    return jax.tree.leaves(checkpoints.load_model_bundle(path)[1])
+    return jax.tree.leaves(bundles.load_model_bundle(path)[1])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_tfds_path_on_mock_data(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    (("teacher", "model", "transformer"), "Unknown model name 'transformer'; valid names"),
+    (("teacher", "model", "transformer"), "config.teacher.model='transformer'; valid classifiers: ['cnn', 'resnet']"),
     (("student", "train", "optimizer", "name", "lamb"), "optimizer.name='lamb' is not an optimizer; valid"),
     (("data", "source", "imagenet"), "config.data.source='imagenet' is not a data source"),
     (("data", "source", "folder"), "config.data.folder='' is not an existing directory"),

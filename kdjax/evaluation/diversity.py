@@ -1,6 +1,6 @@
 """Diversity: the mean pairwise perceptual distance within a batch of generated images.
 
-The distance between images i and j is the one of `fidelity.perceptual_distance`: mean over layers of the
+The distance between images i and j is `kdjax.losses.perceptual_distance`: mean over layers of the
 position-averaged squared L2 distance between channel-normalised judge feature maps. A collapsed generator
 scores ~0; the number is comparable across models only under the same judge, layers and batch size.
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.evaluation.fidelity import _as_maps, normalize_channels
+from kdjax.losses import as_maps, normalize_channels
 
 
 @jax.jit
@@ -30,7 +30,7 @@ def pairwise_perceptual_distances(feats: Mapping[str, jax.Array]) -> jax.Array:
         raise ValueError("No features given.")
     total = 0.0
     for name in sorted(feats):
-        f = normalize_channels(_as_maps(feats[name]))
+        f = normalize_channels(as_maps(feats[name]))
         bsz, h, w, _ = f.shape
         flat = f.reshape(bsz, -1)
         gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)

@@ -1,8 +1,8 @@
 """Runs a feature function over many inputs in batches, data-parallel over all devices.
 
 One helper for every metric input: judge or Inception features of real images, of generated images, or the
-generated images themselves. Batches are sharded along a 1-D mesh over `jax.devices()` (axis "data"); the
-feature function is jit-compiled once for the padded batch size. Results come back to the host as numpy
+generated images themselves. Batches are sharded along the 1-D data mesh over `jax.devices()`
+(`kdjax.core.parallel`); the feature function is jit-compiled once for the padded batch size. Results come back to the host as numpy
 arrays (floating leaves in float64 by default, for the statistics), with the padding dropped.
 
 Two kinds of source:
@@ -25,12 +25,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax.core import parallel
+
 Source = Union[np.ndarray, jax.Array, Callable[[int], Any]]
-
-
-def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices` (default: all devices)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
 
 
 def _pad_rows(x: Any, rows: int) -> Any:
@@ -66,7 +63,7 @@ def extract_features(fn: Callable[..., Any], source: Source, batch_size: int, *,
       params: replicated on every device and passed as `fn`'s first argument (keeps large weights out of
         the compiled program as constants).
       num_samples: how many examples to take (default: all of an array source; required for a callable).
-      mesh: a 1-D mesh with axis "data" (default: all devices).
+      mesh: a 1-D mesh with axis `DATA_AXIS` (default: `parallel.make_mesh()`, all devices).
       out_dtype: dtype of floating output leaves (float64 by default); None keeps fn's dtypes.
       desc: name in the progress lines.
       log_every_s: seconds between progress lines (absl logging, INFO).
@@ -74,33 +71,11 @@ def extract_features(fn: Callable[..., Any], source: Source, batch_size: int, *,
     Returns:
       The pytree `fn` returns, each leaf a numpy array with leading dimension `num_samples`.
     """
-    mesh = mesh if mesh is not None else data_mesh()
-    num_devices = mesh.devices.size
-    padded = -(-batch_size // num_devices) * num_devices
-    batch_sharding = NamedSharding(mesh, P("data"))
-
-    if callable(source):
-        if num_samples is None:
-            raise ValueError("A callable source needs num_samples.")
-        get_batch = source
-    else:
-        available = _leading_dim(source)
-        num_samples = available if num_samples is None else num_samples
-        if num_samples > available:
-            raise ValueError(f"num_samples={num_samples} > {available} examples in the source array.")
-        get_batch = lambda step: jax.tree.map(lambda a: a[step * padded:(step + 1) * padded], source)
-
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be positive, got {num_samples}.")
-
-    if params is None:
-        call = jax.jit(fn, in_shardings=batch_sharding, out_shardings=batch_sharding)
-    else:
-        replicated = NamedSharding(mesh, P())
-        params = jax.device_put(params, replicated)
-        compiled = jax.jit(fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
-        call = lambda batch: compiled(params, batch)
-
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    padded = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    batch_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+    get_batch, num_samples = batch_getter(source, padded, num_samples)
+    call = sharded_call(fn, params, mesh)
     chunks, done, step = [], 0, 0
     start = last_log = time.perf_counter()
     while done < num_samples:
@@ -124,3 +99,32 @@ def extract_features(fn: Callable[..., Any], source: Source, batch_size: int, *,
             a = a.astype(out_dtype)
         return a
     return jax.tree.map(finish, *chunks)
+
+
+def batch_getter(source: Source, padded: int, num_samples: int | None) -> tuple[Callable[[int], Any], int]:
+    """(step -> batch, the number of examples to take) for an array or callable source (see
+    `extract_features`)."""
+    if callable(source):
+        if num_samples is None:
+            raise ValueError("A callable source needs num_samples.")
+        get_batch = source
+    else:
+        available = _leading_dim(source)
+        num_samples = available if num_samples is None else num_samples
+        if num_samples > available:
+            raise ValueError(f"num_samples={num_samples} > {available} examples in the source array.")
+        get_batch = lambda step: jax.tree.map(lambda a: a[step * padded:(step + 1) * padded], source)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be positive, got {num_samples}.")
+    return get_batch, num_samples
+
+
+def sharded_call(fn: Callable[..., Any], params: Any, mesh: Mesh) -> Callable[[Any], Any]:
+    """`batch -> fn([params,] batch)` jitted with the batch sharded over `mesh` and `params` replicated."""
+    batch_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+    if params is None:
+        return jax.jit(fn, in_shardings=batch_sharding, out_shardings=batch_sharding)
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    compiled = jax.jit(fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
+    return lambda batch: compiled(params, batch)

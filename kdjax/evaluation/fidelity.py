@@ -18,7 +18,8 @@ over images in batches and returns plain floats with the number of samples.
 - L1: mean absolute difference per image, in the units of `value_range`.
 - Perceptual distance: LPIPS without learned weights (Zhang et al. 2018, "baseline" variant) on judge
   features: each feature map is normalised to unit L2 norm over channels at every position, the squared
-  L2 distance over channels is averaged over positions, and the layers are averaged.
+  L2 distance over channels is averaged over positions, and the layers are averaged
+  (`kdjax.losses.perceptual_distance`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kdjax import losses
 
 ValueRange = tuple[float, float]
 Features = Mapping[str, jax.Array]
@@ -97,43 +100,8 @@ def l1(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=(1, 2, 3))
 
 
-def normalize_channels(f: jax.Array, eps: float = 1e-10) -> jax.Array:
-    """f / (||f||_2 over the last axis + eps), as LPIPS's `normalize_tensor`."""
-    f = f.astype(jnp.float32)
-    return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + eps)
-
-
-def _as_maps(f: jax.Array) -> jax.Array:
-    """(B, C) vectors become (B, 1, 1, C) maps; (B, H, W, C) maps stay."""
-    if f.ndim == 2:
-        return f[:, None, None, :]
-    if f.ndim != 4:
-        raise ValueError(f"Features must be (B, C) or (B, H, W, C), got shape {f.shape}.")
-    return f
-
-
-def _check_feature_keys(feats_a: Features, feats_b: Features) -> list[str]:
-    if set(feats_a) != set(feats_b) or not feats_a:
-        raise ValueError(f"Feature dicts differ or are empty: {sorted(feats_a)} vs {sorted(feats_b)}.")
-    return sorted(feats_a)
-
-
-@jax.jit
-def perceptual_distance(feats_a: Features, feats_b: Features) -> jax.Array:
-    """Per-image, (B,): mean over layers of the position-averaged squared L2 distance between
-    channel-normalised feature maps (LPIPS-style, without learned weights).
-
-    Args:
-      feats_a, feats_b: dicts of layer name -> (B, H, W, C) maps (or (B, C) vectors), same keys and shapes.
-    """
-    per_layer = []
-    for name in _check_feature_keys(feats_a, feats_b):
-        fa, fb = _as_maps(feats_a[name]), _as_maps(feats_b[name])
-        if fa.shape != fb.shape:
-            raise ValueError(f"Layer {name!r}: shapes differ, {fa.shape} vs {fb.shape}.")
-        d = jnp.sum((normalize_channels(fa) - normalize_channels(fb)) ** 2, axis=-1)  # (B, H, W)
-        per_layer.append(jnp.mean(d, axis=(1, 2)))
-    return jnp.mean(jnp.stack(per_layer), axis=0)
+# The perceptual distance per image, (B,), jitted: `kdjax.losses.perceptual_distance` (one definition).
+perceptual_distance = jax.jit(losses.perceptual_distance)
 
 
 def fidelity_metrics(a: np.ndarray, b: np.ndarray, feats_a: Features | None = None,

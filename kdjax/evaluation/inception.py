@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 INPUT_SIZE = 299
-FEATURE_DIM = 2048
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -281,9 +280,3 @@ def load_inception_variables(path: str | pathlib.Path, model: InceptionV3 | None
     """Flax variables of the FID InceptionV3 from pytorch-fid's weights file (.pth) or an .npz copy."""
     return convert_state_dict(load_state_dict(path), model)
 
-
-def inception_feature_fn(model: InceptionV3 | None = None):
-    """`fn(variables, images) -> (B, 2048)` features; use with
-    `features.extract_features(fn, images, batch_size, params=variables)`."""
-    model = model if model is not None else InceptionV3()
-    return lambda variables, images: model.apply(variables, images)

@@ -13,7 +13,9 @@ Conventions shared by all models (see each module's docstring for the details):
   `(logits, features)`;
 - discriminators: `__call__(x, labels=None, *, train=False)` returns one logit per image, shape (B,);
 - randomness only through rng streams (`noise`, `dropout`); non-trainable state in collections
-  (`batch_stats`, `w_avg`).
+  (`batch_stats`, `w_avg`);
+- each class declares `KIND`, `DATA_FIELDS` and `DATA_PARALLEL_FIELDS`, and each generator a `spec`
+  property (`kdjax.models.interface`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import importlib
 from typing import Any, Mapping
 
 import flax.linen as nn
+
+from kdjax.models.interface import KINDS, GeneratorSpec
+
+__all__ = ["REGISTRY", "GeneratorSpec", "build_model", "check_model_kwargs", "data_kwargs", "kind",
+           "model_class", "model_fields", "names_of_kind", "outside_data_parallel", "data_parallel_kwargs"]
 
 # name -> "module:attribute". Imported on demand so that one family's import cost is paid only when used.
 REGISTRY: dict[str, str] = {
@@ -69,3 +76,31 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Instantiates model `name` with `kwargs`, after checking every field name."""
     check_model_kwargs(name, kwargs)
     return model_class(name)(**kwargs)
+
+
+def kind(name: str) -> str:
+    """"generator", "discriminator" or "classifier": what model `name` is (its class's `KIND`)."""
+    return model_class(name).KIND
+
+
+def names_of_kind(k: str) -> list[str]:
+    """The registered names of one kind, sorted (for error messages and checks)."""
+    if k not in KINDS:
+        raise ValueError(f"Unknown model kind {k!r}; valid: {list(KINDS)}.")
+    return sorted(n for n in REGISTRY if kind(n) == k)
+
+
+def data_kwargs(name: str, resolution: int, channels: int, num_classes: int) -> dict[str, Any]:
+    """The fields of model `name` that the data fixes, under the family's own field names."""
+    values = {"resolution": resolution, "channels": channels, "num_classes": num_classes}
+    return {field: values[what] for what, field in model_class(name).DATA_FIELDS.items()}
+
+
+def data_parallel_kwargs(name: str, axis_name: str) -> dict[str, str]:
+    """The fields that make model `name` reduce its statistics over the mapped axis `axis_name`."""
+    return {field: axis_name for field in model_class(name).DATA_PARALLEL_FIELDS}
+
+
+def outside_data_parallel(model: nn.Module) -> nn.Module:
+    """The same model with its data-parallel axis fields unset, to run outside shard_map (init, sampling)."""
+    return model.clone(**{field: None for field in type(model).DATA_PARALLEL_FIELDS})

@@ -10,7 +10,7 @@ evaluation uses as the embedding.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,6 +49,10 @@ class ResNet(nn.Module):
     dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
     bn_axis_name: str | None = None  # e.g. "data" inside a data-parallel step
 
+    KIND: ClassVar[str] = "classifier"
+    DATA_FIELDS: ClassVar[dict[str, str]] = {"num_classes": "num_classes"}  # the input shape sets the rest
+    DATA_PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ("bn_axis_name",)
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
         if len(self.widths) != len(self.blocks_per_stage):
@@ -79,6 +83,10 @@ class SmallCNN(nn.Module):
     use_batch_norm: bool = False  # BatchNorm after each conv
     dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
     bn_axis_name: str | None = None  # e.g. "data" inside a data-parallel step
+
+    KIND: ClassVar[str] = "classifier"
+    DATA_FIELDS: ClassVar[dict[str, str]] = {"num_classes": "num_classes"}  # the input shape sets the rest
+    DATA_PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ("bn_axis_name",)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):

@@ -29,12 +29,14 @@ first (half-resolution) conv's.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kdjax.models.interface import GeneratorSpec
 
 # Radford et al.: all weights from N(0, 0.02).
 _INIT = nn.initializers.normal(0.02)
@@ -135,6 +137,15 @@ class Generator(nn.Module):
     bn_axis_name: str | None = None  # mapped axis for cross-device batch statistics (shard_map/pmap)
     dtype: Any = jnp.float32  # compute dtype; parameters are float32
 
+    KIND: ClassVar[str] = "generator"
+    DATA_FIELDS: ClassVar[dict[str, str]] = {"resolution": "resolution", "channels": "img_channels",
+                                             "num_classes": "num_classes"}
+    DATA_PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ("bn_axis_name",)
+
+    @property
+    def spec(self) -> GeneratorSpec:
+        return GeneratorSpec(self.z_dim, self.num_classes, self.resolution, self.img_channels)
+
     def stage_channels(self) -> dict[int, int]:
         """{resolution: channels} for the stages 4, 8, ..., R."""
         log2 = _check_resolution(self.resolution)
@@ -205,6 +216,11 @@ class Discriminator(nn.Module):
     bn_momentum: float = 0.9  # BatchNorm running-average decay (when use_batchnorm)
     bn_axis_name: str | None = None  # mapped axis for cross-device batch statistics
     dtype: Any = jnp.float32  # compute dtype; parameters are float32
+
+    KIND: ClassVar[str] = "discriminator"
+    DATA_FIELDS: ClassVar[dict[str, str]] = {"resolution": "resolution", "channels": "img_channels",
+                                             "num_classes": "num_classes"}
+    DATA_PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ("bn_axis_name",)
 
     def stage_channels(self) -> dict[int, int]:
         """{resolution: channels} for the conv outputs R/2, R/4, ..., 4."""

@@ -29,12 +29,13 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models.interface import GeneratorSpec
 from kdjax.models.stylegan2_layers import (Conv2dLayer, FullyConnectedLayer, bias_act, minibatch_std,
                                            modulated_conv2d, normalize_2nd_moment, setup_filter,
                                            upsample2d)
@@ -285,6 +286,15 @@ class Generator(nn.Module):
     axis_name: Optional[str] = None          # data-parallel axis for the w_avg batch mean
     dtype: Dtype = jnp.float32               # compute dtype of the synthesis convs; params float32
 
+    KIND: ClassVar[str] = "generator"
+    DATA_FIELDS: ClassVar[dict[str, str]] = {"resolution": "img_resolution", "channels": "img_channels",
+                                             "num_classes": "c_dim"}
+    DATA_PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ("axis_name",)
+
+    @property
+    def spec(self) -> GeneratorSpec:
+        return GeneratorSpec(self.z_dim, self.c_dim, self.img_resolution, self.img_channels)
+
     @property
     def num_ws(self) -> int:
         return 2 * (int(math.log2(self.img_resolution)) - 1)
@@ -400,6 +410,11 @@ class Discriminator(nn.Module):
     mbstd_group_size: Optional[int] = 4   # minibatch-std group size (min(this, batch) is used)
     mbstd_num_channels: int = 1           # minibatch-std features, 0 = off
     dtype: Dtype = jnp.float32            # compute dtype of the convs; params float32
+
+    KIND: ClassVar[str] = "discriminator"
+    DATA_FIELDS: ClassVar[dict[str, str]] = {"resolution": "img_resolution", "channels": "img_channels",
+                                             "num_classes": "c_dim"}
+    DATA_PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *, train: bool = False):

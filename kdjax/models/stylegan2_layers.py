@@ -12,7 +12,7 @@ FIR resampling (official `upfirdn2d`) is written as separable shifted-slice sums
 XLA fuses, no depthwise convolution. A modulated convolution with 2x up-sampling folds the FIR filter into
 the 3x3 kernel and runs as one stride-1 convolution producing 4x the channels followed by depth-to-space
 (each output phase uses its own slice of the combined 6x6 kernel), which is exact and avoids the transposed
-convolution that is slow on XLA:CPU (docs in /work/shared/STACK.md).
+convolution that is slow on XLA:CPU (measured in docs/stack.md).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from kdjax import checkpoints
 from kdjax.models import build_model
+from kdjax.models.bundles import save_model_bundle
 
 TEACHER_KWARGS = dict(z_dim=16, w_dim=16, img_resolution=16, img_channels=1, channel_base=256, channel_max=16,
                       mapping_layers=2)
@@ -33,8 +33,8 @@ def write_tiny_bundles(root: str | pathlib.Path, seed: int = 0) -> tuple[pathlib
     # StyleGAN2 initialises every noise strength at 0; a trained teacher's are not, and noise must matter here.
     t_vars = jax.tree_util.tree_map_with_path(
         lambda path, v: jnp.full_like(v, NOISE_STRENGTH) if path[-1].key == "noise_strength" else v, t_vars)
-    checkpoints.save_model_bundle(root / "teacher", "stylegan2_generator", TEACHER_KWARGS, t_vars)
+    save_model_bundle(root / "teacher", "stylegan2_generator", TEACHER_KWARGS, t_vars)
     judge = build_model("cnn", **JUDGE_KWARGS)
     j_vars = judge.init(jax.random.fold_in(key, 1), jnp.zeros((2, res, res, ch)))
-    checkpoints.save_model_bundle(root / "judge", "cnn", JUDGE_KWARGS, j_vars)
+    save_model_bundle(root / "judge", "cnn", JUDGE_KWARGS, j_vars)
     return root / "teacher", root / "judge"

@@ -85,10 +85,3 @@ def data_parallel(per_device_fn: Callable, mesh: Mesh, in_specs: tuple, out_spec
     fn = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     return jax.jit(fn, donate_argnums=donate_argnums)
 
-
-def check_batch_divisible(global_batch_size: int, mesh: Mesh, field: str) -> None:
-    """Raises ValueError unless the global batch splits evenly over the devices and processes."""
-    n = mesh.devices.size
-    if global_batch_size % n or global_batch_size % jax.process_count():
-        raise ValueError(f"{field}={global_batch_size} must be a multiple of the device count ({n}) "
-                         f"and of the process count ({jax.process_count()}).")

@@ -7,16 +7,14 @@ process 0 writes, the others just log) and `periodic_actions.ReportProgress` (st
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers, periodic_actions
-from PIL import Image
 
-from kdjax.data import to_uint8
+from kdjax.core.images import image_grid, save_png, to_uint8
 
 
 def create_writer(logdir: str | pathlib.Path) -> metric_writers.MetricWriter:
@@ -27,25 +25,6 @@ def create_writer(logdir: str | pathlib.Path) -> metric_writers.MetricWriter:
 def progress(num_steps: int, writer: metric_writers.MetricWriter, every_steps: int = 50) -> periodic_actions.ReportProgress:
     """A hook to call every step: reports steps/s and the ETA every `every_steps` steps."""
     return periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=every_steps)
-
-
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*H, columns*W, C) uint8 grid, 1-pixel gaps."""
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * (h + 1) - 1, columns * (w + 1) - 1, c), np.uint8)
-    for i, image in enumerate(images):
-        r, q = divmod(i, columns)
-        grid[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = image
-    return grid
-
-
-def save_png(path: str | pathlib.Path, image: np.ndarray) -> None:
-    """Writes one HWC uint8 image (C = 1 or 3) as PNG, creating the folder."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
 def write_images(writer: metric_writers.MetricWriter, workdir: str | pathlib.Path, step: int,

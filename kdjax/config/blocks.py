@@ -1,21 +1,31 @@
-"""Config blocks shared by every kdjax config, each with a default for every field.
+"""Config blocks shared by kdjax's configs, each with a default for every field.
 
 Configs in `configs/` build their `ConfigDict` from these, so the schema is explicit: with
 `lock_config=True` an unknown `--config.x.y` or a value of the wrong type fails at the command line, and
-`kdjax.train.check_config` checks names, ranges and paths before anything is compiled.
+each task's `check_config` checks names, ranges and paths before anything is compiled. This module imports
+ml_collections only, so reading a config costs no JAX import.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from kdjax.optim import optimizer_config
+# The terms of the generator-distillation objective (`kdjax.steps.distill`), each weighted in
+# `config.distill.weights.TERM`.
+DISTILL_TERMS = ("kl", "recon_l1", "recon_l2", "perceptual", "feature", "adv")
 
-__all__ = ["data_config", "gan_config", "optimizer_config", "phase_train_config", "run_config"]
+
+def optimizer_config(name: str = "adam", learning_rate: float = 1e-3, **overrides) -> ml_collections.ConfigDict:
+    """An optimizer block (`kdjax.core.optim`) with a default for every field."""
+    cfg = ml_collections.ConfigDict(dict(name=name, learning_rate=learning_rate, schedule="constant",
+                                         warmup_steps=0, momentum=0.9, b1=0.9, b2=0.999, weight_decay=1e-4,
+                                         grad_clip=0.0))
+    cfg.update(overrides)
+    return cfg
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    """`config.data`: which images, at what size (see `kdjax.data`)."""
+    """`config.data`: which images, at what size (see `kdjax.core.data`)."""
     cfg = ml_collections.ConfigDict(dict(
         source="digits",  # "digits" | "tfds" | "folder"
         name="",  # TFDS dataset name, for source="tfds"
@@ -44,7 +54,7 @@ def phase_train_config(num_steps: int, batch_size: int, **optimizer) -> ml_colle
 def run_config(task: str, **overrides) -> ml_collections.ConfigDict:
     """Top-level fields every task has."""
     cfg = ml_collections.ConfigDict(dict(
-        task=task,  # which trainer runs (kdjax.train.TASKS)
+        task=task,  # which trainer runs (kdjax.tasks.TASKS)
         seed=0,  # every random draw is a function of (seed, step)
         compute_dtype="float32",  # "float32" (CPU) or "bfloat16" (GPU/TPU); parameters stay float32
         log_every=50,  # steps between metric lines / TensorBoard points
@@ -59,7 +69,7 @@ def run_config(task: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def gan_config(**overrides) -> ml_collections.ConfigDict:
-    """`config.gan` for the `gan` task (`kdjax.gan`): StyleGAN2's recipe by default."""
+    """`config.gan` for the `gan` task (`kdjax.tasks.gan`): StyleGAN2's recipe by default."""
     cfg = ml_collections.ConfigDict(dict(
         loss="logistic",  # "logistic" (non-saturating) or "hinge"
         r1_gamma=0.05,  # R1 weight gamma (0 = off); applied lazily as gamma/2 * r1_every every r1_every steps
@@ -67,8 +77,23 @@ def gan_config(**overrides) -> ml_collections.ConfigDict:
         ema_decay=0.999,  # generator EMA per step
         style_mixing_prob=0.0,  # StyleGAN2 generators only
         conditional=False,  # condition G and D on the dataset's labels
+        init_generator="",  # a generator bundle to start G (and its EMA) from instead of a random init
+        g_warmup_steps=0,  # G's updates are scaled by 0 for this many first steps (D catches up with a given G)
         train=phase_train_config(20000, 64, name="adam", learning_rate=2.5e-3, b1=0.0, b2=0.99),  # G's budget
         d_optimizer=optimizer_config("adam", 2.5e-3, b1=0.0, b2=0.99),
     ))
+    cfg.update(overrides)
+    return cfg
+
+
+def distill_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.distill`: the weights of the generator-distillation terms (each with an optional linear
+    schedule from `value` to `end_value` over [start_step, end_step]; weight 0 = off) and the objective's
+    options (`kdjax.steps.distill`)."""
+    term = lambda value: ml_collections.ConfigDict(dict(value=value, end_value=value, start_step=0, end_step=0))
+    cfg = ml_collections.ConfigDict(dict(
+        weights=ml_collections.ConfigDict({t: term(0.0) for t in DISTILL_TERMS}),
+        temperature=4.0, alpha=0.1, reuse_mapping=False, truncation_psi=1.0, adv_loss="logistic",
+        d_real_data=False, r1_gamma=0.05, r1_every=16, ema_decay=0.999))
     cfg.update(overrides)
     return cfg

@@ -23,7 +23,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from kdjax import checkpoints, parallel, summaries
+from kdjax.core import checkpoints, parallel, summaries
 
 
 @dataclasses.dataclass

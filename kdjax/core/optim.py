@@ -46,11 +46,3 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return tx
 
-
-def optimizer_config(name: str = "adam", learning_rate: float = 1e-3, **overrides) -> ml_collections.ConfigDict:
-    """A complete optimizer block with defaults for every field (so the config schema is explicit)."""
-    cfg = ml_collections.ConfigDict(dict(name=name, learning_rate=learning_rate, schedule="constant",
-                                         warmup_steps=0, momentum=0.9, b1=0.9, b2=0.999, weight_decay=1e-4,
-                                         grad_clip=0.0))
-    cfg.update(overrides)
-    return cfg

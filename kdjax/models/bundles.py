@@ -1,13 +1,9 @@
-"""Checkpoints with Orbax: resumable train states, and exported model bundles.
+"""Model bundles: how a trained network leaves a run and enters another.
 
-Train states go through an `ocp.CheckpointManager` (periodic async saves, `max_to_keep`, resume from the
-latest step). Restoring uses an abstract target carrying the current mesh's shardings, so a run saved
-on 8 devices resumes on 1 (or the other way round).
-
-A *model bundle* is how a trained network leaves a run (a classic-KD teacher, a StyleGAN2 teacher, a
-judge, an imported official pickle): a directory with `model.json` ({"model": registry name,
-"kwargs": fields}) and `variables/` (an Orbax checkpoint of the Flax variables). Any config can name
-a bundle as its teacher or judge; it is loaded once and never re-saved in a student's checkpoints.
+A bundle (a classic-KD teacher, a StyleGAN2 teacher, a judge, an imported official pickle, an exported
+student) is a directory with `model.json` ({"model": registry name, "kwargs": fields, ...}) and
+`variables/` (an Orbax checkpoint of the Flax variables). Any config can name a bundle as its teacher or
+judge; it is loaded once and never re-saved in a student's checkpoints.
 """
 
 from __future__ import annotations
@@ -16,57 +12,17 @@ import json
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from kdjax import parallel
+from kdjax import models
+from kdjax.core import parallel
+from kdjax.core.checkpoints import CheckpointError
 
 
-class CheckpointError(ValueError):
-    """A checkpoint path that is missing, unreadable or does not fit the model."""
-
-
-class TrainCheckpoints:
-    """An Orbax CheckpointManager for one training phase's state."""
-
-    def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
-    def save(self, step: int, state: Any) -> None:
-        """Saves `state` at `step` (asynchronously; `wait` blocks until it is on disk)."""
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-
-    def reached_preemption(self, step: int) -> bool:
-        """True when the platform signalled preemption (e.g. SIGTERM on a TPU VM): save and stop."""
-        return self._manager.reached_preemption(step)
-
-    def restore(self, step: int, like: Any, mesh: Mesh) -> Any:
-        """Restores the state saved at `step`, laid out like `like`, replicated over `mesh`."""
-        sharding = parallel.replicated(mesh)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like)
-        try:
-            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:
-            raise CheckpointError(f"Could not restore the checkpoint of step {step} in {str(self.directory)!r} "
-                                  f"({type(e).__name__}: {e}). It may come from a different model or config; "
-                                  "use a fresh --workdir to start over.") from e
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.close()
-
-
-# ------------------------------------------------------------------------------------ model bundles
 def save_model_bundle(directory: str | pathlib.Path, model: str, kwargs: dict[str, Any], variables: Any,
                       extra: dict[str, Any] | None = None) -> None:
     """Writes `model.json` and `variables/` to `directory` (process 0 writes the JSON)."""
@@ -81,10 +37,13 @@ def save_model_bundle(directory: str | pathlib.Path, model: str, kwargs: dict[st
         (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def check_model_bundle(directory: str | pathlib.Path, field: str) -> dict[str, Any]:
-    """Validates a bundle before any compute; returns its `model.json`. Raises CheckpointError."""
-    from kdjax import models
+def check_model_bundle(directory: str | pathlib.Path, field: str, kind: str | None = None) -> dict[str, Any]:
+    """Validates a bundle before any compute; returns its `model.json`. Raises CheckpointError.
 
+    Args:
+      field: the config field or flag that named the bundle (for the message).
+      kind: when given, the bundle must hold a model of this kind ("generator", "classifier", ...).
+    """
     path = pathlib.Path(directory).expanduser()
     meta_path = path / "model.json"
     if not path.is_dir():
@@ -103,6 +62,9 @@ def check_model_bundle(directory: str | pathlib.Path, field: str) -> dict[str, A
         models.check_model_kwargs(name, kwargs, where=str(meta_path))
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    if kind is not None and models.kind(name) != kind:
+        raise CheckpointError(f"{field}={str(directory)!r} holds a {name!r} ({models.kind(name)}); a {kind} bundle "
+                              f"is needed ({models.names_of_kind(kind)}).")
     return meta
 
 
@@ -124,3 +86,10 @@ def load_model_bundle(directory: str | pathlib.Path, field: str = "checkpoint",
         raise CheckpointError(f"{field}: could not read the variables in {str(path)!r} "
                               f"({type(e).__name__}: {e}).") from e
     return meta, variables
+
+
+def load_model(directory: str | pathlib.Path, field: str = "checkpoint", mesh: Mesh | None = None,
+               **overrides: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(module, variables, model.json) of a bundle; `overrides` (e.g. `dtype`) are set on the module."""
+    meta, variables = load_model_bundle(directory, field, mesh)
+    return models.build_model(meta["model"], **{**meta["kwargs"], **overrides}), variables, meta

@@ -1,0 +1,11 @@
+"""The light config package: config blocks (`blocks`), a config file's argument (`args`), and the paths of
+the shipped model bundles. It imports ml_collections only, so a config file costs no JAX import; configs in
+`configs/` import nothing else from kdjax."""
+
+from kdjax.config.args import apply_arg
+from kdjax.config.blocks import (DISTILL_TERMS, data_config, distill_config, gan_config, optimizer_config,
+                                 phase_train_config, run_config)
+from kdjax.pretrained import DIGITS32_JUDGE, DIGITS32_TEACHER
+
+__all__ = ["DIGITS32_JUDGE", "DIGITS32_TEACHER", "DISTILL_TERMS", "apply_arg", "data_config", "distill_config",
+           "gan_config", "optimizer_config", "phase_train_config", "run_config"]
