@@ -43,9 +43,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.d_optimizer = optimizer_config("adam", 2e-3, b1=0.0, b2=0.99)
     config.scratch = ml_collections.ConfigDict(dict(
         enabled=True,  # train the from-scratch baseline (a `gan` phase on real data)
+        num_steps=0,  # its steps; 0 = the student's (config.train.num_steps)
         loss="logistic", r1_gamma=0.1, r1_every=16))
     config.eval = ml_collections.ConfigDict(dict(
-        num_samples=1000,  # images per generator for FID/KID/PRDC and the fidelity metrics
+        num_samples=2000,  # images per generator for FID/KID/PRDC and the fidelity metrics
+        real_split="all",  # the real set scored against: "all" (every digit: the GAN protocol), "train", "test"
+        teacher_samples=10_000,  # teacher samples of the second reference set ("vs teacher dist"; 0 = off)
+        curve_every=100,  # steps between learning-curve points (FID/KID on curve_samples samples)
+        curve_samples=500,
         timing_batch_sizes=(1, 64),  # images/s is measured at these batch sizes; the report quotes the last
     ))
     return apply_arg(config, arg, {"tiny": tiny}, where="configs/stylegan_to_dcgan.py")
@@ -61,4 +66,5 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.distill.r1_every = config.scratch.r1_every = 2
     config.log_every, config.checkpoint_every = 4, 4
     config.eval.num_samples, config.eval.timing_batch_sizes = 32, (8,)
+    config.eval.teacher_samples, config.eval.curve_every, config.eval.curve_samples = 64, 4, 32
     config.eval_batch_size = 32

@@ -88,6 +88,15 @@ def test_report_has_every_figure_and_artefact(full_run, bundles):
     for term in ("loss", "kl", "recon_l1", "perceptual", "adv", "d_loss", "r1_term"):
         assert [s for s, _ in history[f"student_kd/{term}"]] == [4, 8], term
     assert [s for s, _ in history["student_scratch/g_loss"]] == [4, 8]
+    # Learning curves: FID, KID and training seconds at every curve step (tiny: every 4), both students.
+    for phase in ("student_kd", "student_scratch"):
+        for metric in ("fid", "kid", "seconds"):
+            assert [s for s, _ in history[f"curve/{phase}/{metric}"]] == [4, 8], (phase, metric)
+        seconds = [v for _, v in history[f"curve/{phase}/seconds"]]
+        assert 0 < seconds[0] < seconds[1]
+    assert (workdir / "learning_curves.png").is_file()
+    assert on_disk["num_real"] == 1797 and on_disk["real_split"] == "all" and on_disk["num_teacher_samples"] == 64
+    assert np.isfinite(on_disk["student_kd"]["kid_vs_teacher_dist"])
     # The frozen teacher bundle is untouched.
     for a, b in zip(teacher_before, bundle_leaves(bundles / "teacher")):
         np.testing.assert_array_equal(a, b)
@@ -122,6 +131,13 @@ def test_stop_and_resume_equals_uninterrupted(full_run, bundles, tmp_path):
     for phase in ("student_kd", "student_scratch"):
         for a, b in zip(bundle_leaves(workdir / phase / "bundle"), bundle_leaves(tmp_path / phase / "bundle")):
             np.testing.assert_array_equal(a, b)
+    # The learning curves of the resumed run have the same points (the clock continued across the launches).
+    from kdjax.core import summaries
+
+    full, resumed = summaries.read_history(workdir), summaries.read_history(tmp_path)
+    for phase in ("student_kd", "student_scratch"):
+        assert full[f"curve/{phase}/fid"] == resumed[f"curve/{phase}/fid"]
+        assert [s for s, _ in resumed[f"curve/{phase}/seconds"]] == [4, 8]
 
 
 def test_eight_devices_equal_one_with_sgd(bundles, tmp_path, monkeypatch):

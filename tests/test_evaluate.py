@@ -179,3 +179,33 @@ def test_external_embedding_adds_inception_figures(run_dir, real_images, tmp_pat
     assert out["teacher"]["fid_inception"] == pytest.approx(fid.fid(real, fake)["fid"], rel=1e-4)
     assert out["teacher"]["fid_inception"] != pytest.approx(out["teacher"]["fid"], rel=1e-3)
     assert "Inception FID" in (tmp_path / "eval.md").read_text()
+
+
+def test_teacher_distribution_scores_against_the_teachers_own_samples(run_dir, real_images, tmp_path):
+    """With teacher_distribution, the 'vs teacher' figures are computed against the judge features of N
+    teacher samples on their own latents (recomputed here independently), not against the real images."""
+    dirs = {n: str(run_dir / n / "bundle") for n in ("teacher", "student")}
+    gens, judge = evaluate.load_models(dirs, str(run_dir / "judge" / "bundle"), "teacher", RES, 1)
+    out = generators.evaluate_generators(gens, judge, real_images, reference="teacher", num_samples=NUM_SAMPLES,
+                                         batch_size=BATCH, seed=0, workdir=tmp_path,
+                                         teacher_distribution=(gens["teacher"], 96))
+    assert out["num_teacher_samples"] == 96
+    teacher_pool = generators.sample_with_features(gens["teacher"], judge, 96, BATCH,
+                                                   generators.TEACHER_SEED_OFFSET, "t")["feats"]["pool"]
+    student_pool = generators.sample_with_features(gens["student"], judge, NUM_SAMPLES, BATCH, 0, "s")["feats"]["pool"]
+    expected = fid.fid(np.asarray(teacher_pool, np.float64), np.asarray(student_pool, np.float64))["fid"]
+    assert out["student"]["fid_vs_teacher_dist"] == pytest.approx(expected, rel=1e-9)
+    real_pool = generators.judge_pool(judge, real_images, BATCH)
+    assert out["student"]["fid"] == pytest.approx(fid.fid(real_pool, np.asarray(student_pool, np.float64))["fid"])
+    # The teacher against its own distribution is far closer than the student is, and closer than to real data.
+    assert out["teacher"]["fid_vs_teacher_dist"] < 0.5 * out["student"]["fid_vs_teacher_dist"]
+    assert out["teacher"]["fid_vs_teacher_dist"] < out["teacher"]["fid"]
+    assert "KID vs T" in (tmp_path / "eval.md").read_text()
+
+
+def test_real_set_all_is_train_and_test():
+    dataset = load_dataset(data_config(resolution=8, channels=1))
+    assert len(generators.real_set(dataset, "all")) == 1797  # every digit scikit-learn ships
+    assert len(generators.real_set(dataset, "test")) == 359 and len(generators.real_set(dataset, "train")) == 1438
+    with pytest.raises(ValueError, match="valid: \\['all', 'train', 'test'\\]"):
+        generators.real_set(dataset, "val")

@@ -21,11 +21,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.core.data import all_images
 from kdjax.evaluation import cost, diversity, features, fid, fidelity, prdc, report, spectrum
 
 DIVERSITY_SAMPLES = 256  # diversity needs all pairs: B^2 Gram entries per layer
+TEACHER_SUFFIX = "_vs_teacher_dist"  # metrics against the teacher's own samples
+TEACHER_SEED_OFFSET = 1_000_003  # the teacher-distribution latents: seed + this, apart from the shared ones
 GRID_SAMPLES = 8  # samples per model in samples.png
 ModelAndVariables = tuple[Any, Any]
+
+
+REAL_SPLITS = ("all", "train", "test")
+
+
+def real_set(dataset: Any, split: str) -> np.ndarray:
+    """The real images a generator is scored against, (N, H, W, C) in [-1, 1]: "all" (train and held-out test
+    together: the standard GAN protocol scores against the training distribution), "train" or "test"."""
+    if split not in REAL_SPLITS:
+        raise ValueError(f"real split {split!r}; valid: {list(REAL_SPLITS)}.")
+    parts = {"all": (dataset.train, dataset.test), "train": (dataset.train,), "test": (dataset.test,)}[split]
+    return np.concatenate([all_images(p) for p in parts])
+
+
+def judge_pool(judge: ModelAndVariables, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The judge's 'pool' features of images (N, D), float64."""
+    judge_model, judge_vars = judge
+    return features.extract_features(
+        lambda p, x: judge_model.apply(p, x, train=False, return_features=True)[1]["pool"],
+        np.asarray(images, np.float32), batch_size, params=judge_vars, desc="judge features of real images")
 
 
 def batch_keys(seed: int, step: int) -> jax.Array:
@@ -78,15 +101,21 @@ def generator_cost(model: Any, variables: Any, batch_sizes: Sequence[int] = (1, 
     return out
 
 
-def quality_metrics(real_pool: np.ndarray, sample: Mapping[str, Any], seed: int, num_samples: int
+def quality_metrics(reference_pool: np.ndarray, sample: Mapping[str, Any], seed: int, suffix: str = ""
                     ) -> dict[str, Any]:
-    """FID, KID, precision/recall/density/coverage against the real 'pool' features, and diversity."""
+    """FID, KID and precision/recall/density/coverage of a sample's 'pool' features against a reference set's
+    (real images, or the teacher's own samples); keys end in `suffix`."""
     pool = sample["feats"]["pool"].astype(np.float64)
+    kid, pr = fid.kid(reference_pool, pool, seed=seed), prdc.prdc(reference_pool, pool)
+    out = {"fid": fid.fid(reference_pool, pool)["fid"], "kid_mean": kid["kid_mean"], "kid_std": kid["kid_std"],
+           **{k: pr[k] for k in ("precision", "recall", "density", "coverage")}}
+    return {k + suffix: v for k, v in out.items()}
+
+
+def diversity_metrics(sample: Mapping[str, Any], num_samples: int) -> dict[str, Any]:
+    """The mean pairwise perceptual distance of the first `DIVERSITY_SAMPLES` samples."""
     maps = {k: v[:DIVERSITY_SAMPLES] for k, v in sample["feats"].items() if k != "pool"}
-    kid, pr = fid.kid(real_pool, pool, seed=seed), prdc.prdc(real_pool, pool)
-    return {"fid": fid.fid(real_pool, pool)["fid"], "kid_mean": kid["kid_mean"], "kid_std": kid["kid_std"],
-            **{k: pr[k] for k in ("precision", "recall", "density", "coverage")},
-            "diversity": diversity.diversity(maps)["diversity"],
+    return {"diversity": diversity.diversity(maps)["diversity"],
             "diversity_num_samples": min(num_samples, DIVERSITY_SAMPLES)}
 
 
@@ -114,7 +143,8 @@ def embed(model: ModelAndVariables | None, images: np.ndarray, batch_size: int, 
 def evaluate_generators(generators: Mapping[str, ModelAndVariables], judge: ModelAndVariables,
                         real_images: np.ndarray, *, reference: str | None, num_samples: int, batch_size: int,
                         seed: int, workdir: str, writer: Any = None, timing_batch_sizes: Sequence[int] = (1, 64),
-                        inception: ModelAndVariables | None = None) -> dict[str, Any]:
+                        inception: ModelAndVariables | None = None,
+                        teacher_distribution: tuple[ModelAndVariables, int] | None = None) -> dict[str, Any]:
     """Evaluates generators against real images under a judge classifier; writes the report to `workdir`.
 
     Args:
@@ -131,26 +161,36 @@ def evaluate_generators(generators: Mapping[str, ModelAndVariables], judge: Mode
       inception: optional (module, variables) whose `apply(variables, images)` gives (B, D) embeddings, normally
         the FID InceptionV3 (`kdjax.evaluation.inception`) with the user's weights file: adds `fid_inception`
         and `kid_inception_mean/std`, the figures comparable with papers (given enough samples).
+      teacher_distribution: optional ((teacher module, variables), N): N samples of the teacher on latents of
+        their own (seed + `TEACHER_SEED_OFFSET`) become a second reference set, so every generator also gets
+        FID, KID and precision/recall/density/coverage against the teacher's distribution (keys ending in
+        `TEACHER_SUFFIX`): how much of the teacher a student kept, free of the small-real-set bias. The
+        teacher's own row there is the floor of those figures at `num_samples` against N.
 
     Returns:
-      {name: {metric: value}, "num_samples", "num_real", "device", "judge_feature_dim", "eval_seconds"}.
+      {name: {metric: value}, "num_samples", "num_real", "num_teacher_samples", "device", "judge_feature_dim",
+       "eval_seconds"}.
     """
     start = time.perf_counter()
     if reference is not None and reference not in generators:
         raise ValueError(f"reference={reference!r} is not one of the generators {sorted(generators)}.")
-    judge_model, judge_vars = judge
-    real_pool = features.extract_features(
-        lambda p, x: judge_model.apply(p, x, train=False, return_features=True)[1]["pool"],
-        np.asarray(real_images, np.float32), batch_size, params=judge_vars, desc="judge features of real images")
+    real_pool = judge_pool(judge, real_images, batch_size)
     spectra = {"real": spectrum.radial_power_spectrum(real_images)}
     real_inception = embed(inception, real_images, batch_size, "Inception features of real images")
+    teacher_pool = None
+    if teacher_distribution is not None:  # its own latents (seed + TEACHER_SEED_OFFSET), not the shared ones
+        teacher_pool = sample_with_features(
+            teacher_distribution[0], judge, teacher_distribution[1], batch_size, seed + TEACHER_SEED_OFFSET,
+            desc="teacher distribution: samples and judge features")["feats"]["pool"].astype(np.float64)
     samples: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {}
     for name, (model, variables) in generators.items():
         samples[name] = sample_with_features((model, variables), judge, num_samples, batch_size, seed,
                                              desc=f"{name}: samples and judge features")
         spectra[name] = spectrum.radial_power_spectrum(samples[name]["images"])
-        res = quality_metrics(real_pool, samples[name], seed, num_samples)
+        res = {**quality_metrics(real_pool, samples[name], seed), **diversity_metrics(samples[name], num_samples)}
+        if teacher_pool is not None:
+            res.update(quality_metrics(teacher_pool, samples[name], seed, TEACHER_SUFFIX))
         if inception is not None:
             fake_inception = embed(inception, samples[name]["images"], batch_size, f"{name}: Inception features")
             kid_inc = fid.kid(real_inception, fake_inception, seed=seed)
@@ -169,7 +209,8 @@ def evaluate_generators(generators: Mapping[str, ModelAndVariables], judge: Mode
             continue
         results[name].update(fidelity_to(samples[reference], samples[name], spectra[reference], spectra[name],
                                          batch_size))
-    out = {**results, "num_samples": num_samples, "num_real": int(len(real_pool)), "reference": reference,
+    out = {**results, "num_samples": num_samples, "num_real": int(len(real_pool)),
+           "num_teacher_samples": 0 if teacher_pool is None else int(len(teacher_pool)), "reference": reference,
            "judge_feature_dim": int(real_pool.shape[1]), "device": cost.device_name(),
            "eval_seconds": time.perf_counter() - start}
     names = sorted(generators, key=lambda n: n != reference)  # the reference row first
@@ -181,6 +222,8 @@ def evaluate_generators(generators: Mapping[str, ModelAndVariables], judge: Mode
 
 # Markdown columns: (header, metric key, format, scale).
 COLUMNS = (("FID", "fid", ".2f", 1), ("Inception FID", "fid_inception", ".2f", 1), ("KID", "kid_mean", ".4f", 1),
+           ("FID vs T", "fid" + TEACHER_SUFFIX, ".2f", 1), ("KID vs T", "kid_mean" + TEACHER_SUFFIX, ".4f", 1),
+           ("rec vs T", "recall" + TEACHER_SUFFIX, ".3f", 1),
            ("prec", "precision", ".3f", 1), ("rec", "recall", ".3f", 1), ("dens", "density", ".3f", 1),
            ("cov", "coverage", ".3f", 1), ("div", "diversity", ".4f", 1), ("PSNR", "psnr_vs_reference", ".2f", 1),
            ("SSIM", "ssim_vs_reference", ".4f", 1), ("L1", "l1_vs_reference", ".4f", 1),
@@ -193,7 +236,9 @@ def format_table(out: Mapping[str, Any], names: Sequence[str]) -> str:
     """One markdown table, models as rows, with the sample counts and device underneath."""
     rows = [[n] + [report.cell(out[n].get(k), f, scale) for _, k, f, scale in COLUMNS] for n in names]
     return (report.markdown_table(["model"] + [h for h, *_ in COLUMNS], rows)
-            + f"\n\n{out['num_samples']} samples per model, {out['num_real']} real images, judge features "
+            + f"\n\n{out['num_samples']} samples per model, {out['num_real']} real images"
+            + (f", {out['num_teacher_samples']} teacher samples (the 'vs T' columns)" if out["num_teacher_samples"] else "")
+            + ", judge features "
             f"({out['judge_feature_dim']}-d; not comparable to Inception FID). Fidelity columns vs "
             f"reference {out['reference']!r} on identical latents. Device: {out['device']}; "
             f"evaluation took {out['eval_seconds']:.1f} s.")

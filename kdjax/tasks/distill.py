@@ -8,9 +8,11 @@ Phases, each resumable, in the workdir:
    `student_kd/bundle`.
 2. `student_scratch`: the same student architecture, seed, steps, batch and optimizers trained as a GAN on
    real data (`kdjax.tasks.gan`); exported to `student_scratch/bundle`. Off with `config.scratch.enabled=False`.
-3. The report (`kdjax.evaluation.generators`, on the held-out split, judge features): `report.md`,
-   `report.json`, `eval/` (spectra.png, samples.png with teacher / KD student / scratch student on the same
-   latents, eval.json), `loss_curves.png` and TensorBoard events.
+3. The report (`kdjax.evaluation.generators`, judge features): every model against the real set
+   (`config.eval.real_split`, all the data by default) and against `config.eval.teacher_samples` samples of the
+   teacher; `report.md`, `report.json`, `eval/` (spectra.png, samples.png with teacher / KD student / scratch
+   student on the same latents, eval.json), `learning_curves.png` (both students' FID/KID during training,
+   against steps and wall-clock; `kdjax.evaluation.curves`), `loss_curves.png` and TensorBoard events.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from kdjax.config import DISTILL_TERMS, gan_config
 from kdjax.core import data, optim, parallel, summaries
 from kdjax.evaluation import generators as generator_eval
 from kdjax.evaluation import report as report_io
+from kdjax.evaluation.curves import LearningCurve, at_equal_time, plot_learning_curves
+from kdjax.evaluation.generators import TEACHER_SUFFIX
 from kdjax.models import bundles
 from kdjax.models.wrappers import DistillationTargets, MappedStudent, mapped_variables, targets_variables
 from kdjax.steps import distill as distill_step
@@ -36,8 +40,8 @@ from kdjax.steps import loop
 from kdjax.tasks import checks, gan
 from kdjax.tasks.phase import model_from_block, run_phase
 
-REPORT_KEYS = ("fid", "kid", "precision", "recall", "psnr_vs_teacher", "ssim_vs_teacher", "params",
-               "flops_per_image", "images_per_s")
+REPORT_KEYS = ("fid", "kid", "precision", "recall", "fid_vs_teacher_dist", "kid_vs_teacher_dist", "psnr_vs_teacher",
+               "ssim_vs_teacher", "params", "flops_per_image", "images_per_s")
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -56,10 +60,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_objective(config.distill, t_meta["model"] == "stylegan2_generator", t_meta["model"])
     checks.check_phase(config.train, "config.train")
     optim.check_optimizer_config(config.d_optimizer, "config.d_optimizer")
+    if config.scratch.num_steps < 0:
+        raise ValueError(f"config.scratch.num_steps={config.scratch.num_steps} must be >= 0 (0 = config.train's).")
     if config.scratch.enabled:
         gan.check_config(scratch_config(config, spec.z_dim))
-    if config.eval.num_samples < 4:
-        raise ValueError(f"config.eval.num_samples={config.eval.num_samples} must be >= 4 (k-NN with k = 3).")
+    ev = config.eval
+    if ev.num_samples < 4 or 0 < ev.teacher_samples < 4 or ev.curve_samples < 4:
+        raise ValueError(f"config.eval: num_samples={ev.num_samples}, curve_samples={ev.curve_samples} and "
+                         f"teacher_samples={ev.teacher_samples} (0 = off) must be >= 4 (k-NN with k = 3).")
+    if ev.real_split not in generator_eval.REAL_SPLITS:
+        raise ValueError(f"config.eval.real_split={ev.real_split!r}; valid: {list(generator_eval.REAL_SPLITS)}.")
+    if ev.curve_every < 1 or ev.curve_every % config.log_every:
+        raise ValueError(f"config.eval.curve_every={ev.curve_every} must be a positive multiple of config.log_every="
+                         f"{config.log_every} (curve points are taken at log steps).")
     if not config.eval.timing_batch_sizes or min(config.eval.timing_batch_sizes) < 1:
         raise ValueError(f"config.eval.timing_batch_sizes={config.eval.timing_batch_sizes} must be positive sizes.")
 
@@ -99,28 +112,38 @@ def check_objective(d: ml_collections.ConfigDict, stylegan2_teacher: bool, teach
 def scratch_config(config: ml_collections.ConfigDict, z_dim: int) -> ml_collections.ConfigDict:
     """The `gan` config of the from-scratch baseline: the student and discriminator of `config` (the student
     taking the teacher's z_dim, so all three models share latents), the same seed, steps, batch and
-    optimizers (`config.train`, `config.d_optimizer`), trained on real data."""
+    optimizers (`config.train`, `config.d_optimizer`; `config.scratch.num_steps` steps when it is not 0, e.g.
+    for a comparison at equal wall-clock time), trained on real data."""
     cfg = ml_collections.ConfigDict({k: config[k] for k in ("task", "seed", "compute_dtype", "log_every",
                                                             "checkpoint_every", "max_to_keep", "async_checkpoints",
                                                             "stop_after_steps", "eval_batch_size", "data")})
     cfg.task = "gan"
     cfg.generator, cfg.discriminator = ml_collections.ConfigDict(config.student.to_dict()), config.discriminator
     cfg.generator.kwargs.z_dim = z_dim
+    train = ml_collections.ConfigDict(config.train.to_dict())
+    train.num_steps = config.scratch.num_steps or config.train.num_steps
     cfg.gan = gan_config(loss=config.scratch.loss, r1_gamma=config.scratch.r1_gamma, r1_every=config.scratch.r1_every,
-                         ema_decay=config.distill.ema_decay, train=config.train, d_optimizer=config.d_optimizer)
+                         ema_decay=config.distill.ema_decay, train=train, d_optimizer=config.d_optimizer)
     return cfg
 
 
 # -------------------------------------------------------------------------------------------- run
+def load_frozen(config: ml_collections.ConfigDict, mesh) -> dict[str, tuple[nn.Module, Any]]:
+    """The teacher and the judge, (module, variables replicated over `mesh`), from their bundles."""
+    teacher, t_vars, _ = bundles.load_model(config.teacher.checkpoint, "config.teacher.checkpoint", mesh)
+    judge, j_vars, _ = bundles.load_model(config.judge.checkpoint, "config.judge.checkpoint", mesh)
+    return {"teacher": (teacher, t_vars), "judge": (judge, j_vars)}
+
+
 def distill_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, dataset: data.Dataset,
-                  writer: metric_writers.MetricWriter, budget: loop.StepBudget) -> dict[str, Any] | None:
+                  frozen: dict[str, tuple[nn.Module, Any]], writer: metric_writers.MetricWriter,
+                  budget: loop.StepBudget, curve: LearningCurve) -> dict[str, Any] | None:
     """Phase `student_kd`: distils the teacher into the student; exports `student_kd/bundle`. Returns the
     generators the report evaluates so far ("teacher": the distillation targets, "student_kd"), each as
     (module, host variables), or None when the launch stopped early."""
     dtype = jnp.dtype(config.compute_dtype)
     mesh = parallel.make_mesh()
-    teacher, t_vars, _ = bundles.load_model(config.teacher.checkpoint, "config.teacher.checkpoint", mesh)
-    judge, j_vars, _ = bundles.load_model(config.judge.checkpoint, "config.judge.checkpoint", mesh)
+    (teacher, t_vars), (judge, j_vars) = frozen["teacher"], frozen["judge"]
     spec, d = teacher.spec, config.distill
     shape = (spec.resolution, spec.channels, spec.num_classes)
     student_in_dim = teacher.w_dim if d.reuse_mapping else spec.z_dim
@@ -135,7 +158,7 @@ def distill_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     objective = distill_step.Objective(teacher, student, judge, discriminator, adapters, d, shape[2])
     step = distill_step.make_distill_step(objective, s_tx, d_tx, mesh, key)
 
-    # Side-by-side samples (teacher row, student EMA row) on fixed latents at every log step.
+    # Side-by-side samples (teacher row, student EMA row) on fixed latents and the learning curve, at log steps.
     eval_student = models.outside_data_parallel(student)
     eval_gen = MappedStudent(teacher, eval_student, d.truncation_psi) if d.reuse_mapping else eval_student
     eval_vars = lambda student_vars: mapped_variables(host_t_vars, student_vars) if d.reuse_mapping else student_vars
@@ -143,14 +166,17 @@ def distill_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     sample_y = jnp.arange(8) % shape[2] if shape[2] else None
     teacher_row = distill_step.teacher_images(teacher, host_t_vars, sample_z, sample_y, d.truncation_psi)
 
-    def write_samples(step_number: int, s: distill_step.DistillState) -> None:
-        row = eval_gen.apply(eval_vars(student_variables(s)), sample_z, sample_y, train=False)
+    def on_log(step_number: int, s: distill_step.DistillState) -> None:
+        variables = eval_vars(student_variables(s))
+        row = eval_gen.apply(variables, sample_z, sample_y, train=False)
         summaries.write_images(writer, workdir, step_number,
                                {"samples/teacher_vs_student_kd": jnp.concatenate([teacher_row, row])}, columns=8)
+        curve.probe("student_kd", step_number, eval_gen, variables)
 
+    curve.start("student_kd", summaries.read_history(workdir))
     state, finished = run_phase("student_kd", config, workdir, parallel.replicate(state, mesh),
                                 lambda s, b: step(s, b, t_vars, j_vars), dataset.train, config.train, mesh, writer,
-                                budget, on_log=write_samples)
+                                budget, on_log=on_log)
     if not finished:
         return None
     kd_vars = student_variables(state)
@@ -159,7 +185,7 @@ def distill_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     bundles.save_model_bundle(workdir / "student_kd" / "bundle", config.student.model, s_kwargs, kd_vars, extra=extra)
     # "teacher" is what the students were taught to copy (constant noise, truncation psi): the fidelity reference.
     return {"teacher": (DistillationTargets(teacher, d.truncation_psi), targets_variables(host_t_vars)),
-            "student_kd": (eval_gen, eval_vars(kd_vars)), "judge": (judge, parallel.to_host(j_vars))}
+            "student_kd": (eval_gen, eval_vars(kd_vars))}
 
 
 def student_variables(state: distill_step.DistillState) -> dict[str, Any]:
@@ -169,12 +195,15 @@ def student_variables(state: distill_step.DistillState) -> dict[str, Any]:
 
 
 def scratch_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, z_dim: int,
-                  writer: metric_writers.MetricWriter, budget: loop.StepBudget) -> tuple[nn.Module, Any] | None:
+                  writer: metric_writers.MetricWriter, budget: loop.StepBudget,
+                  curve: LearningCurve) -> tuple[nn.Module, Any] | None:
     """Phase `student_scratch`: the same student trained as a GAN on real data with the same budget (the
     rest of this launch's step budget); returns (module, variables) of its bundle, or None when stopped."""
     scratch_cfg = scratch_config(config, z_dim)
     scratch_cfg.stop_after_steps = -1 if budget.stop_after_steps < 0 else max(budget.stop_after_steps - budget.used, 0)
-    summary = gan.train_and_evaluate(scratch_cfg, workdir, phase="student_scratch", writer=writer)
+    curve.start("student_scratch", summaries.read_history(workdir))
+    summary = gan.train_and_evaluate(scratch_cfg, workdir, phase="student_scratch", writer=writer,
+                                     probe=lambda step, g, v: curve.probe("student_scratch", step, g, v))
     if summary is None:
         return None
     model, variables, _ = bundles.load_model(summary["generator_bundle"], "student_scratch bundle")
@@ -187,61 +216,87 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     dataset = data.load_dataset(config.data)
     writer = metric_writers.MultiWriter([summaries.create_writer(workdir), summaries.HistoryWriter(workdir)])
     budget = loop.StepBudget(config.stop_after_steps)
-    generators = distill_phase(config, workdir, dataset, writer, budget)
+    frozen = load_frozen(config, parallel.make_mesh())
+    real = generator_eval.real_set(dataset, config.eval.real_split)
+    judge = (frozen["judge"][0], parallel.to_host(frozen["judge"][1]))
+    spec = frozen["teacher"][0].spec
+    curve = LearningCurve(judge, generator_eval.judge_pool(judge, real, config.eval_batch_size),
+                          config.eval.curve_samples, config.eval.curve_every, config.seed, writer, spec.z_dim,
+                          spec.num_classes)
+    generators = distill_phase(config, workdir, dataset, frozen, writer, budget, curve)
     if generators is None:
         return None
-    judge = generators.pop("judge")
     if config.scratch.enabled:
-        scratch = scratch_phase(config, workdir, generators["teacher"][0].spec.z_dim, writer, budget)
+        scratch = scratch_phase(config, workdir, spec.z_dim, writer, budget, curve)
         if scratch is None:
             return None
         generators["student_scratch"] = scratch
 
+    teacher_distribution = (generators["teacher"], config.eval.teacher_samples) if config.eval.teacher_samples else None
     ev = generator_eval.evaluate_generators(
-        generators, judge, data.all_images(dataset.test), reference="teacher", num_samples=config.eval.num_samples,
+        generators, judge, real, reference="teacher", num_samples=config.eval.num_samples,
         batch_size=config.eval_batch_size, seed=config.seed, workdir=workdir / "eval", writer=writer,
-        timing_batch_sizes=tuple(config.eval.timing_batch_sizes))
-    out = make_report(ev, generators, tuple(config.eval.timing_batch_sizes)[-1], dataset.name)
+        timing_batch_sizes=tuple(config.eval.timing_batch_sizes), teacher_distribution=teacher_distribution)
+    history = summaries.read_history(workdir)
+    out = make_report(ev, generators, tuple(config.eval.timing_batch_sizes)[-1], dataset.name,
+                      config.eval.real_split, history)
     if jax.process_index() == 0:
-        summaries.plot_curves(summaries.read_history(workdir), workdir / "loss_curves.png")
+        summaries.plot_curves(history, workdir / "loss_curves.png")
+        plot_learning_curves(history, workdir / "learning_curves.png")
     report_io.write_report(workdir, "report", out, report_table(out, config),
-                           "\n\n![loss curves](loss_curves.png)\n\n"
+                           "\n\n![learning curves](learning_curves.png)\n\n![loss curves](loss_curves.png)\n\n"
                            "![samples: teacher, student_kd, student_scratch](eval/samples.png)\n\n"
                            "![spectra](eval/spectra.png)")
     writer.flush()
     return out
 
 
-def make_report(ev: dict[str, Any], generators: dict[str, Any], timing_batch: int, dataset: str) -> dict[str, Any]:
-    """report.json: `REPORT_KEYS` per model (fidelity vs the teacher; None for the teacher itself), plus
-    the rest of the evaluation under `more`."""
+def make_report(ev: dict[str, Any], generators: dict[str, Any], timing_batch: int, dataset: str, real_split: str,
+                history: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    """report.json: `REPORT_KEYS` per model (fidelity vs the teacher; None for the teacher itself), plus the
+    rest of the evaluation under `more`, the sample counts, and the students at equal training time."""
     out: dict[str, Any] = {}
     for name in generators:
         r = ev[name]
         out[name] = {
             "fid": r["fid"], "kid": r["kid_mean"], "precision": r["precision"], "recall": r["recall"],
+            "fid_vs_teacher_dist": r.get("fid" + TEACHER_SUFFIX), "kid_vs_teacher_dist": r.get("kid_mean" + TEACHER_SUFFIX),
             "psnr_vs_teacher": r.get("psnr_vs_reference"), "ssim_vs_teacher": r.get("ssim_vs_reference"),
             "params": int(r["params"]), "flops_per_image": r["flops_per_image"],
             "images_per_s": r[f"images_per_s_at_{timing_batch}"],
             "more": {k: v for k, v in r.items() if k != "spectrum" and not isinstance(v, (list, dict))}}
-    out.update({"num_samples": ev["num_samples"], "num_real": ev["num_real"], "device": ev["device"],
+    out.update({"num_samples": ev["num_samples"], "num_real": ev["num_real"], "real_split": real_split,
+                "num_teacher_samples": ev["num_teacher_samples"], "device": ev["device"],
                 "images_per_s_batch_size": timing_batch, "dataset": dataset, "metric_features": "judge 'pool'"})
+    equal_time = {m: at_equal_time(history, "student_scratch", "student_kd", m) for m in ("fid", "kid")}
+    if all(equal_time.values()):
+        out["equal_time"] = equal_time  # the KD student's curve value at the scratch phase's total time
     return out
 
 
 def report_table(out: dict[str, Any], config: ml_collections.ConfigDict) -> str:
     """The markdown table of the main job's report."""
     cell = report_io.cell
-    headers = ["model", "FID", "KID", "precision", "recall", "PSNR vs teacher", "SSIM vs teacher", "params",
-               "MFLOPs/img", f"img/s (batch {out['images_per_s_batch_size']})"]
+    headers = ["model", "FID", "KID", "precision", "recall", "FID vs T dist", "KID vs T dist", "PSNR vs teacher",
+               "SSIM vs teacher", "params", "MFLOPs/img", f"img/s (batch {out['images_per_s_batch_size']})"]
     rows = [[name, cell(r["fid"], ".3f"), cell(r["kid"], ".4f"), cell(r["precision"], ".3f"),
-             cell(r["recall"], ".3f"), cell(r["psnr_vs_teacher"], ".2f"), cell(r["ssim_vs_teacher"], ".4f"),
-             f"{r['params']:,}", cell(r["flops_per_image"], ".1f", 1e-6), f"{r['images_per_s']:,.0f}"]
+             cell(r["recall"], ".3f"), cell(r["fid_vs_teacher_dist"], ".3f"), cell(r["kid_vs_teacher_dist"], ".4f"),
+             cell(r["psnr_vs_teacher"], ".2f"), cell(r["ssim_vs_teacher"], ".4f"), f"{r['params']:,}",
+             cell(r["flops_per_image"], ".1f", 1e-6), f"{r['images_per_s']:,.0f}"]
             for name, r in ((n, out[n]) for n in ("teacher", "student_kd", "student_scratch") if n in out)]
     active = distill_step.active_terms(config.distill.weights)
-    return report_io.markdown_table(headers, rows) + (
-        f"\n\nFID/KID/precision/recall against {out['num_real']} held-out {out['dataset']} images in the judge's "
-        f"features ({out['num_samples']} samples per model; not comparable to Inception FID). Students: "
-        f"{config.train.num_steps} steps at batch {config.train.batch_size}; distillation terms {active}. "
-        f"The teacher row is the distillation target the students are compared with (StyleGAN2: constant noise "
-        f"inputs, truncation psi {config.distill.truncation_psi}). Device: {out['device']}.")
+    text = report_io.markdown_table(headers, rows) + (
+        f"\n\nFID/KID/precision/recall against {out['num_real']} real {out['dataset']} images (split "
+        f"'{out['real_split']}') in the judge's features, {out['num_samples']} samples per model; 'vs T dist': against "
+        f"{out['num_teacher_samples']} samples of the teacher on latents of their own (the teacher's own row is "
+        f"the floor at this sample count). Not comparable to Inception FID. Students: {config.train.num_steps} "
+        f"steps at batch {config.train.batch_size}; distillation terms {active}. The teacher row is the "
+        f"distillation target the students are compared with (StyleGAN2: constant noise inputs, truncation psi "
+        f"{config.distill.truncation_psi}). Device: {out['device']}.")
+    if "equal_time" in out:
+        e = out["equal_time"]
+        text += (f" At equal training time ({e['fid']['seconds']:.0f} s, the scratch phase's whole run), the learning"
+                 f" curves ({config.eval.curve_samples} samples) give FID {e['fid']['student_kd']:.2f} / KID "
+                 f"{e['kid']['student_kd']:.4f} for student_kd against {e['fid']['student_scratch']:.2f} / "
+                 f"{e['kid']['student_scratch']:.4f} for student_scratch.")
+    return text

@@ -8,7 +8,7 @@ is exported as a model bundle in `workdir/generator/bundle`, ready to be named a
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +63,11 @@ def warm_start(state: GANState, bundle: str) -> GANState:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, phase: str = "gan",
-                       writer=None) -> dict[str, Any] | None:
+                       writer=None, probe: Callable[[int, Any, Any], None] | None = None) -> dict[str, Any] | None:
     """Trains the GAN (checkpoints in `workdir/PHASE`); exports the EMA generator as `workdir/generator/bundle`
     (`workdir/PHASE/bundle` for another phase name, as the distillation job's scratch baseline uses);
-    returns a summary, or None when the launch stopped early. `writer` defaults to one on `workdir`."""
+    returns a summary, or None when the launch stopped early. `writer` defaults to one on `workdir`; `probe`,
+    if given, is called at every log step with (step, generator, EMA variables), e.g. a learning curve."""
     workdir = pathlib.Path(workdir)
     dtype = jnp.dtype(config.compute_dtype)
     mesh = parallel.make_mesh()
@@ -98,6 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                      jax.random.fold_in(key, 8), 0.0, train=False)
         name = f"samples/{'generator' if phase == 'gan' else phase}_ema"
         summaries.write_images(writer, workdir, step_number, {name: images}, columns=8)
+        if probe is not None:
+            probe(step_number, eval_generator, {"params": params, **g_state})
 
     state, finished = run_phase(phase, config, workdir, state, step, dataset.train, train_cfg, mesh, writer,
                                 loop.StepBudget(config.stop_after_steps), on_log=write_samples)
