@@ -15,8 +15,8 @@ figures it produced). `:tiny` is the test size; `:FIELD=VALUE,...` sets fields (
 
 import ml_collections
 
-from kdjax.config import (DIGITS32_JUDGE, DIGITS32_TEACHER, apply_arg, data_config, distill_config, optimizer_config,
-                          phase_train_config, run_config)
+from kdjax.config import (DIGITS32_JUDGE, DIGITS32_TEACHER, DISTILL_TERMS, apply_arg, data_config, distill_config,
+                          optimizer_config, phase_train_config, run_config)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -53,7 +53,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         curve_samples=500,
         timing_batch_sizes=(1, 64),  # images/s is measured at these batch sizes; the report quotes the last
     ))
-    return apply_arg(config, arg, {"tiny": tiny}, where="configs/stylegan_to_dcgan.py")
+    return apply_arg(config, arg, {"tiny": tiny}, ALIASES, where="configs/stylegan_to_dcgan.py")
 
 
 def tiny(config: ml_collections.ConfigDict) -> None:
@@ -68,3 +68,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.eval.num_samples, config.eval.timing_batch_sizes = 32, (8,)
     config.eval.teacher_samples, config.eval.curve_every, config.eval.curve_samples = 64, 4, 32
     config.eval_batch_size = 32
+
+
+# `:TERM=W` sets a distillation term's constant weight (its value and end_value), e.g. `:adv=1.0,kl=0.1`.
+ALIASES = {term: (f"distill.weights.{term}.value", f"distill.weights.{term}.end_value") for term in DISTILL_TERMS}

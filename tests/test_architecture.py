@@ -13,7 +13,7 @@ PACKAGE = ROOT / "kdjax"
 
 # What each part of kdjax may import (besides itself). Entry points (the command-line modules and the
 # kdjax.train facade) may import anything; nothing may import them.
-ENTRY_POINTS = {"kdjax.train", "kdjax.evaluate", "kdjax.cost", "kdjax.stylegan2_import"}
+ENTRY_POINTS = {"kdjax.train", "kdjax.evaluate", "kdjax.cost", "kdjax.stylegan2_import", "kdjax.sweep"}
 ALLOWED = {
     "config": {"pretrained"},
     "pretrained": {"models"},  # tiny.py writes random bundles of registered models

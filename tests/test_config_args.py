@@ -45,3 +45,9 @@ def test_config_files_take_variants_and_fields():
     assert (config.seed, config.kd.alpha, config.data.resolution) == (5, 0.5, 8)
     with pytest.raises(ValueError, match="configs/classifier_kd.py: bad argument item 'tiniest'"):
         train.load_config(f"{ROOT}/configs/classifier_kd.py:tiniest")
+
+
+def test_an_alias_may_set_several_fields():
+    config = train.load_config(f"{ROOT}/configs/stylegan_to_dcgan.py:tiny,adv=0.5,kl=0.25")
+    assert (config.distill.weights.adv.value, config.distill.weights.adv.end_value) == (0.5, 0.5)
+    assert (config.distill.weights.kl.value, config.distill.weights.kl.end_value) == (0.25, 0.25)

@@ -2,7 +2,8 @@
 
 ARG is a comma-separated list of items, applied in order to the config `get_config` built:
 - `NAME`: a *variant* the file declares (a function that edits the config), e.g. `tiny`;
-- `FIELD=VALUE`: sets a field by its dotted path (or by a short alias the file declares, e.g. `res`), with
+- `FIELD=VALUE`: sets a field by its dotted path (or by a short alias the file declares, e.g. `res`, which
+  may stand for several fields set to the same value, e.g. a term weight's `value` and `end_value`), with
   VALUE read as a Python literal (a bare word is a string); the field keeps its type, as with
   `--config.FIELD=VALUE`.
 
@@ -71,12 +72,14 @@ def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str, variants: Mapping[str, Variant] | None = None,
-              aliases: Mapping[str, str] | None = None, where: str = "config") -> ml_collections.ConfigDict:
+              aliases: Mapping[str, str | tuple[str, ...]] | None = None,
+              where: str = "config") -> ml_collections.ConfigDict:
     """Applies the items of `arg` (module docstring) to `config` in order and returns it.
 
     Args:
       variants: the file's named variants, name -> function editing the config in place.
-      aliases: short names for dotted field paths (e.g. {"res": "data.resolution"}).
+      aliases: short names for dotted field paths (e.g. {"res": "data.resolution"}), or for a tuple of paths
+        all set to the item's value.
       where: the config file, for messages.
     """
     variants, aliases = variants or {}, aliases or {}
@@ -89,7 +92,9 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str, variants: Mapping[str
                     raise ValueError(f"unknown variant {name!r}")
                 variants[name](config)
             else:
-                set_field(config, aliases.get(name, name), parse_value(text.strip()))
+                paths = aliases.get(name, name)
+                for path in (paths,) if isinstance(paths, str) else paths:
+                    set_field(config, path, parse_value(text.strip()))
         except ValueError as e:
             raise ValueError(f"{where}: bad argument item {item!r}: {str(e).rstrip('.')}. Valid: a variant {sorted(variants)}, "
                              f"an alias {sorted(aliases)}, or FIELD=VALUE with FIELD a dotted config path.") from e

@@ -268,6 +268,10 @@ def make_report(ev: dict[str, Any], generators: dict[str, Any], timing_batch: in
     out.update({"num_samples": ev["num_samples"], "num_real": ev["num_real"], "real_split": real_split,
                 "num_teacher_samples": ev["num_teacher_samples"], "device": ev["device"],
                 "images_per_s_batch_size": timing_batch, "dataset": dataset, "metric_features": "judge 'pool'"})
+    if "student_scratch" in out:  # the claims: KD against scratch and against the teacher
+        rows = {"scratch": "student_scratch", "teacher": "teacher"}
+        out["ratios"] = {f"kd_over_{other}_{m}": out["student_kd"][m] / out[row][m]
+                         for other, row in rows.items() for m in ("fid", "kid") if out[row][m]}
     equal_time = {m: at_equal_time(history, "student_scratch", "student_kd", m) for m in ("fid", "kid")}
     if all(equal_time.values()):
         out["equal_time"] = equal_time  # the KD student's curve value at the scratch phase's total time
