@@ -202,3 +202,37 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     assert img.dtype == logits.dtype == jnp.float32
     assert all(f.dtype == jnp.bfloat16 for f in feats.values())
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((gv, dv)))
+
+
+def test_progressive_stages_have_their_resolution_and_fade_in_continuously():
+    """A progressive generator at stage r makes r x r images; at alpha = 0 they are the previous stage's,
+    pixel-repeated; in between they are the straight line between the two; the full stage is the plain call."""
+    g = dcgan.Generator(resolution=32, img_channels=1, z_dim=16, width=8, width_max=32, progressive=True)
+    variables = g.init(jax.random.key(0), jnp.zeros((2, 16)))
+    z = jax.random.normal(jax.random.key(1), (3, 16))
+    up2 = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    for stage in (8, 16, 32):
+        new = g.apply(variables, z, stage=stage, alpha=1.0)
+        assert new.shape == (3, stage, stage, 1)
+        faded_out = g.apply(variables, z, stage=stage, alpha=0.0)
+        previous = g.apply(variables, z, stage=stage // 2) if stage > 8 else None
+        if previous is not None:
+            np.testing.assert_array_equal(faded_out, up2(previous))
+        half = g.apply(variables, z, stage=stage, alpha=0.25)
+        np.testing.assert_allclose(half, 0.75 * faded_out + 0.25 * new, atol=1e-6)
+        assert not np.allclose(faded_out, new)
+    np.testing.assert_array_equal(g.apply(variables, z), g.apply(variables, z, stage=32, alpha=1.0))
+    with pytest.raises(ValueError, match="only a progressive generator grows"):
+        dcgan.Generator(resolution=32, z_dim=16).apply(variables, z, stage=16)
+    with pytest.raises(ValueError, match="only a progressive generator grows"):
+        g.apply(variables, z, stage=4)
+
+
+def test_growth_schedule_by_hand():
+    from kdjax.steps.distill import Growth
+
+    growth = Growth.plan(8, 32, 90, fade_fraction=0.5)  # stages 8, 16, 32 on steps [0, 30), [30, 60), [60, 90)
+    assert growth.stages == (8, 16, 32) and growth.boundaries == (0, 30, 60, 90)
+    assert [growth.stage_index(s) for s in (0, 29, 30, 59, 60, 89, 200)] == [0, 0, 1, 1, 2, 2, 2]
+    assert float(growth.alpha(0, 5)) == 1.0
+    assert [float(growth.alpha(1, s)) for s in (30, 37.5, 45, 50)] == [0.0, 0.5, 1.0, 1.0]

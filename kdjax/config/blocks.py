@@ -94,6 +94,9 @@ def distill_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         weights=ml_collections.ConfigDict({t: term(0.0) for t in DISTILL_TERMS}),
         temperature=4.0, alpha=0.1, reuse_mapping=False, truncation_psi=1.0, adv_loss="logistic",
-        d_real_data=False, r1_gamma=0.05, r1_every=16, ema_decay=0.999))
+        d_real_data=False, r1_gamma=0.05, r1_every=16, ema_decay=0.999,
+        # Grow the (DCGAN) student from start_resolution to the full resolution, the steps split evenly over
+        # the stages, each new stage faded in over fade_fraction of its steps.
+        progressive=ml_collections.ConfigDict(dict(enabled=False, start_resolution=8, fade_fraction=0.5))))
     cfg.update(overrides)
     return cfg

@@ -40,7 +40,7 @@ class LearningCurve:
         self.noise_key, self.seed = keys[2], seed
         self.clock: dict[str, float] = {}  # phase -> seconds of training before the current interval
         self.since: dict[str, float] = {}  # phase -> perf_counter at the start of the current interval
-        self.samplers: dict[str, Callable] = {}
+        self.samplers: dict[Any, Callable] = {}
 
     def start(self, phase: str, history: Mapping[str, list[tuple[int, float]]]) -> None:
         """Starts (or, after a resume, continues) the phase's clock."""
@@ -48,17 +48,18 @@ class LearningCurve:
         self.clock[phase] = recorded[-1][1] if recorded else 0.0
         self.since[phase] = time.perf_counter()
 
-    def pool_features(self, phase: str, generator: Any, variables: Any) -> np.ndarray:
-        """Judge 'pool' features of the generator's images on the fixed latents (one jitted program a phase)."""
-        if phase not in self.samplers:
+    def pool_features(self, generator: Any, variables: Any) -> np.ndarray:
+        """Judge 'pool' features of the generator's images on the fixed latents (one jitted program for each
+        generator module, which Flax makes hashable by its fields)."""
+        if generator not in self.samplers:
             judge_model = self.judge[0]
 
             def sample(g_vars, j_vars, z, labels):
                 images = generator.apply(g_vars, z, labels, train=False, rngs={"noise": self.noise_key})
                 return judge_model.apply(j_vars, images, train=False, return_features=True)[1]["pool"]
 
-            self.samplers[phase] = jax.jit(sample)
-        return np.asarray(self.samplers[phase](variables, self.judge[1], self.z, self.labels), np.float64)
+            self.samplers[generator] = jax.jit(sample)
+        return np.asarray(self.samplers[generator](variables, self.judge[1], self.z, self.labels), np.float64)
 
     def probe(self, phase: str, step: int, generator: Any, variables: Any) -> None:
         """At every `every`-th step: FID, KID and the phase's training seconds, written as scalars."""
@@ -66,7 +67,7 @@ class LearningCurve:
             return
         now = time.perf_counter()
         seconds = self.clock[phase] + now - self.since[phase]
-        pool = self.pool_features(phase, generator, variables)
+        pool = self.pool_features(generator, variables)
         with warnings.catch_warnings():  # the small-sample FID warning, once per probe otherwise
             warnings.simplefilter("ignore", UserWarning)
             values = {"fid": fid.fid(self.real_pool, pool)["fid"],

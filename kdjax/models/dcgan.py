@@ -133,6 +133,7 @@ class Generator(nn.Module):
     width_max: int = 128  # cap on any stage's channels
     num_classes: int = 0  # > 0: class-conditional, a learned embedding of size z_dim concatenated to z
     upsample: str = "subpixel"  # 'subpixel' | 'transpose' | 'resize' (see the module docstring)
+    progressive: bool = False  # one to_rgb per stage, so it can grow stage by stage (`stage`, `alpha`)
     bn_momentum: float = 0.9  # BatchNorm running-average decay
     bn_axis_name: str | None = None  # mapped axis for cross-device batch statistics (shard_map/pmap)
     dtype: Any = jnp.float32  # compute dtype; parameters are float32
@@ -154,7 +155,7 @@ class Generator(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array, labels: jax.Array | None = None, *, train: bool = False,
-                 return_features: bool = False):
+                 return_features: bool = False, stage: int | None = None, alpha: float | jax.Array = 1.0):
         """Generates images.
 
         Args:
@@ -163,16 +164,25 @@ class Generator(nn.Module):
           train: BatchNorm uses batch statistics and updates 'batch_stats' (apply with
             mutable=['batch_stats']); otherwise it uses the running averages.
           return_features: also return each stage's output map.
+          stage: `progressive` generators only: the resolution r grown so far (8 <= r <= R, a power of two;
+            None = R). Only the stages up to r run.
+          alpha: `progressive` only: the fade-in of stage r (ProGAN): images = (1 - alpha) * up2(rgb_{r/2}) +
+            alpha * rgb_r, where rgb_s = tanh(to_rgb_s(stage s output)) and up2 repeats pixels; alpha = 0 is
+            the previous stage upsampled, alpha = 1 the new stage alone. May be traced.
         Returns:
-          images (B, R, R, img_channels) float32 in [-1, 1]; with return_features, (images, features)
-          where features maps "res4", "res8", ..., f"res{R}" to the stage outputs (B, r, r, C_r) after
-          BatchNorm and ReLU, in the compute dtype.
+          images (B, r, r, img_channels) float32 in [-1, 1] (r = R unless `stage`); with return_features,
+          (images, features) where features maps "res4", ..., f"res{r}" to the stage outputs (B, s, s, C_s)
+          after BatchNorm and ReLU, in the compute dtype.
         """
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}.")
         if z.ndim != 2 or z.shape[-1] != self.z_dim:
             raise ValueError(f"z must have shape (B, {self.z_dim}), got {z.shape}.")
         channels = self.stage_channels()
+        top = self.resolution if stage is None else stage
+        if top != self.resolution and (not self.progressive or top not in channels or top < 8):
+            raise ValueError(f"stage={stage}: only a progressive generator grows, through the resolutions "
+                             f"{sorted(r for r in channels if r >= 8)}.")
         x = z.astype(self.dtype)
         if self.num_classes > 0:
             if labels is None:
@@ -186,18 +196,30 @@ class Generator(nn.Module):
                              scale_init=lambda k, s, d: 1.0 + _INIT(k, s, d), name=name)(h)
             return nn.relu(h)
 
+        def to_rgb(h: jax.Array, res: int) -> jax.Array:
+            name = "to_rgb" if res == self.resolution else f"to_rgb{res}"
+            h = nn.Conv(self.img_channels, (3, 3), padding="SAME", kernel_init=_INIT, dtype=self.dtype, name=name)(h)
+            return jnp.tanh(h.astype(jnp.float32))
+
         features = {}
         x = nn.Dense(16 * channels[4], use_bias=False, kernel_init=_INIT, dtype=self.dtype,
                      name="dense")(x)
         x = bn_relu(x.reshape(x.shape[0], 4, 4, channels[4]), "bn4")
         features["res4"] = x
-        for res in sorted(channels)[1:]:
+        for res in sorted(r for r in channels if 4 < r <= top):
             x = Upsample(channels[res], self.upsample, self.dtype, name=f"up{res}")(x)
             x = bn_relu(x, f"bn{res}")
             features[f"res{res}"] = x
-        x = nn.Conv(self.img_channels, (3, 3), padding="SAME", kernel_init=_INIT, dtype=self.dtype,
-                    name="to_rgb")(x)
-        images = jnp.tanh(x.astype(jnp.float32))
+        images = to_rgb(x, top)
+        if self.progressive:
+            if self.is_initializing():  # every stage's to_rgb exists from the start
+                for res in sorted(r for r in channels if 4 <= r < self.resolution and r != top):
+                    if f"res{res}" in features:
+                        to_rgb(features[f"res{res}"], res)
+            if top > 4 and not (isinstance(alpha, (int, float)) and alpha == 1.0):
+                previous = to_rgb(features[f"res{top // 2}"], top // 2)
+                previous = jnp.repeat(jnp.repeat(previous, 2, axis=1), 2, axis=2)
+                images = (1.0 - alpha) * previous + alpha * images
         return (images, features) if return_features else images
 
 

@@ -5,7 +5,9 @@
   teacher" and as the students' fidelity reference.
 - `MappedStudent`: a student that consumes the teacher's w (`reuse_mapping`), wrapped to take z like any
   generator: w = teacher.mapping(z), images = student(w).
-Their variables hold the inner modules' one level down (`targets_variables`, `mapped_variables`).
+- `AtStage`: a progressively grown student at one stage of its growth, at full size.
+Their variables hold the inner modules' one level down (`targets_variables`, `mapped_variables`; `AtStage`'s
+are its generator's under "generator").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from kdjax.models import stylegan2
 from kdjax.models.interface import GeneratorSpec
@@ -64,3 +67,24 @@ def mapped_variables(teacher_vars: Mapping[str, Any], student_vars: Mapping[str,
     return {c: {**({"teacher": teacher_vars[c]} if c in teacher_vars else {}),
                 **({"student": student_vars[c]} if c in student_vars else {})}
             for c in {*teacher_vars, *student_vars}}
+
+
+class AtStage(nn.Module):
+    """A growing generator as it is at one stage of its growth: its `stage` x `stage` images (with fade-in
+    `alpha`) pixel-repeated to the full resolution, so that it is evaluated like any generator."""
+
+    generator: nn.Module
+    stage: int
+    alpha: float = 1.0
+
+    @property
+    def spec(self) -> GeneratorSpec:
+        return self.generator.spec
+
+    def __call__(self, z, labels=None, *, train: bool = False, return_features: bool = False):
+        out = self.generator(z, labels, train=train, return_features=return_features, stage=self.stage,
+                             alpha=self.alpha)
+        images = out[0] if return_features else out
+        up = self.generator.spec.resolution // self.stage
+        images = jnp.repeat(jnp.repeat(images, up, axis=1), up, axis=2)
+        return (images, out[1]) if return_features else images

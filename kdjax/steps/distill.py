@@ -19,13 +19,16 @@ as fake, with the lazy R1 penalty on its real inputs. The teacher and judge are 
 the state: no gradients, not in the optimizer, not in checkpoints.
 
 Options: `reuse_mapping` feeds the student the teacher's w = mapping(z) (MobileStyleGAN, StyleKD)
-instead of z; `truncation_psi` truncates the teacher's targets.
+instead of z; `truncation_psi` truncates the teacher's targets; `progressive` grows the student stage by
+stage (`Growth`: each stage's targets are the teacher's images average-pooled to its resolution, each new
+stage faded in), one jitted variant per stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import flax
@@ -42,7 +45,7 @@ from kdjax.core.parallel import DATA_AXIS
 from kdjax.models import stylegan2
 from kdjax.models.wrappers import DistillationTargets, targets_variables
 from kdjax.steps.gan import apply_discriminator, discriminator_update
-from kdjax.steps.lazy import lazily_regularised
+from kdjax.steps.lazy import HostSwitch
 from kdjax.steps.shell import data_parallel_step, latent_draw
 
 DATA = DATA_AXIS
@@ -85,6 +88,46 @@ def weight(cfg: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
     return jnp.asarray(schedule(step), jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Growth:
+    """Progressive growth of the student (ProGAN-style): the resolutions `stages` (e.g. 8, 16, 32), stage i
+    trained on steps [boundaries[i], boundaries[i + 1]) (the budget split evenly), each new stage fading in
+    over its first `fade_fraction` of steps (alpha from 0 to 1; the first stage starts at alpha 1)."""
+
+    stages: tuple[int, ...]
+    boundaries: tuple[int, ...]  # len(stages) + 1 step numbers, from 0 to num_steps
+    fade_fraction: float
+
+    @classmethod
+    def plan(cls, start: int, resolution: int, num_steps: int, fade_fraction: float) -> "Growth":
+        stages = tuple(start * 2**i for i in range(int(math.log2(resolution // start)) + 1))
+        return cls(stages, tuple(round(i * num_steps / len(stages)) for i in range(len(stages) + 1)), fade_fraction)
+
+    def stage_index(self, step: int) -> int:
+        """The stage trained at `step` (on the host; the last stage after the budget)."""
+        return max(i for i in range(len(self.stages)) if self.boundaries[i] <= step)
+
+    def alpha(self, index: int, step: jax.Array) -> jax.Array:
+        """The fade-in of stage `index` at `step` (may be traced): linear from 0 to 1 over its first
+        `fade_fraction` of steps; 1 for the first stage."""
+        if index == 0:
+            return jnp.float32(1.0)
+        length = max(self.fade_fraction * (self.boundaries[index + 1] - self.boundaries[index]), 1.0)
+        return jnp.clip((step - self.boundaries[index]) / length, 0.0, 1.0).astype(jnp.float32)
+
+
+def at_resolution(images: jax.Array, stage: int, resolution: int) -> jax.Array:
+    """Images shown at `stage` x `stage` then stretched back to `resolution`: average-pooled to the stage (when
+    larger) and pixel-repeated to the full size. The targets and the student's images of a growing student
+    are compared, and judged by D, at full size through this."""
+    factor = images.shape[1] // stage
+    if factor > 1:
+        b, h, w, c = images.shape
+        images = images.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    up = resolution // stage
+    return jnp.repeat(jnp.repeat(images, up, axis=1), up, axis=2) if up > 1 else images
+
+
 def teacher_images(teacher: nn.Module, teacher_vars: Any, z: jax.Array, labels: jax.Array | None,
                    truncation_psi: float = 1.0, return_features: bool = False):
     """The distillation targets (`DistillationTargets`) for latents z: images, and with `return_features`
@@ -104,6 +147,8 @@ class Objective:
     adapters: FeatureAdapters
     cfg: ml_collections.ConfigDict  # config.distill
     num_classes: int
+    growth: Growth | None = None  # a progressive student's schedule; None = the full student throughout
+    stage: int | None = None  # the resolution this objective trains (progressive only; static per variant)
 
     def targets(self, z: jax.Array, y: jax.Array | None, teacher_vars: Any, judge_vars: Any) -> dict[str, Any]:
         """What the frozen teacher and judge give for latents z (no gradient flows here): the images x_t and
@@ -114,6 +159,8 @@ class Objective:
         student_in = (teacher.apply(teacher_vars, z, y, method=teacher.mapping, truncation_psi=cfg.truncation_psi)[:, 0]
                       if cfg.reuse_mapping else z)
         x_t, f_t, student_in = jax.lax.stop_gradient((x_t, f_t, student_in))
+        if self.stage is not None:  # a growing student copies the teacher at its current resolution
+            x_t = at_resolution(x_t, self.stage, x_t.shape[1])
         j_t, jf_t = self.judge.apply(judge_vars, x_t, train=False, return_features=True)
         return {"x_t": x_t, "f_t": f_t, "student_in": student_in, "j_t": j_t,
                 "jf_t": {k: v for k, v in jf_t.items() if k != "pool"}}
@@ -147,9 +194,13 @@ class Objective:
                  judge_vars: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any, jax.Array]]:
         """(device-mean weighted loss, (terms, the student's new state, x_s)) for the trainable parameters."""
         y = labels if self.num_classes else None
+        grow = {} if self.stage is None else {"stage": self.stage,
+                                              "alpha": self.growth.alpha(self.growth.stages.index(self.stage), state.step)}
         (x_s, f_s), new_state = self.student.apply({"params": trainable["student"], **state.student_state},
                                                    targets["student_in"], y, train=True, return_features=True,
-                                                   mutable=list(state.student_state))
+                                                   mutable=list(state.student_state), **grow)
+        if self.stage is not None:
+            x_s = at_resolution(x_s, self.stage, targets["x_t"].shape[1])
         terms = self.terms(x_s, f_s, trainable["adapters"], targets, labels, judge_vars, state.d_params,
                            state.d_state)
         total = sum(weight(self.cfg.weights[t], state.step) * terms[t] for t in active_terms(self.cfg.weights))
@@ -171,8 +222,8 @@ def make_distill_step(objective: Objective, s_tx: optax.GradientTransformation, 
     d_apply = functools.partial(apply_discriminator, objective.discriminator)
     _, d_adv = losses.ADVERSARIAL[cfg.adv_loss]
 
-    def per_device(state: DistillState, batch: dict, z: jax.Array, labels: jax.Array, teacher_vars, judge_vars,
-                   r1: float):
+    def per_device(objective: Objective, state: DistillState, batch: dict, z: jax.Array, labels: jax.Array,
+                   teacher_vars, judge_vars, r1: float):
         y = labels if num_classes else None
         targets = objective.targets(z, y, teacher_vars, judge_vars)
         (loss, (terms, student_state, x_s)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -195,8 +246,19 @@ def make_distill_step(objective: Objective, s_tx: optax.GradientTransformation, 
         return new, scalars
 
     draw = latent_draw(key, objective.teacher.spec.z_dim, num_classes)
-    make = lambda r1: data_parallel_step(functools.partial(per_device, r1=r1), mesh, names, draw)
-    return lazily_regularised(make, cfg.r1_gamma / 2 * cfg.r1_every if use_d else 0.0, cfg.r1_every)
+    r1_weight = cfg.r1_gamma / 2 * cfg.r1_every if use_d else 0.0
+
+    def make(variant: tuple[int | None, bool]) -> Callable:
+        stage, with_r1 = variant
+        per_stage = functools.partial(per_device, dataclasses.replace(objective, stage=stage),
+                                      r1=r1_weight if with_r1 else 0.0)
+        return data_parallel_step(per_stage, mesh, names, draw)
+
+    growth = objective.growth
+    stage_of = (lambda step: growth.stages[growth.stage_index(step)]) if growth else (lambda step: None)
+    if growth is None and r1_weight <= 0:
+        return make((None, False))
+    return HostSwitch(lambda step: (stage_of(step), r1_weight > 0 and step % cfg.r1_every == 0), make)
 
 
 def init_state(teacher: nn.Module, teacher_vars: Any, student: nn.Module, discriminator: nn.Module,

@@ -34,7 +34,7 @@ from kdjax.evaluation import report as report_io
 from kdjax.evaluation.curves import LearningCurve, at_equal_time, plot_learning_curves
 from kdjax.evaluation.generators import TEACHER_SUFFIX
 from kdjax.models import bundles
-from kdjax.models.wrappers import DistillationTargets, MappedStudent, mapped_variables, targets_variables
+from kdjax.models.wrappers import AtStage, DistillationTargets, MappedStudent, mapped_variables, targets_variables
 from kdjax.steps import distill as distill_step
 from kdjax.steps import loop
 from kdjax.tasks import checks, gan
@@ -58,6 +58,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     checks.check_model_block(config.student, "config.student", "generator", "the teacher", also_taken=("z_dim",))
     checks.check_model_block(config.discriminator, "config.discriminator", "discriminator", "the teacher")
     check_objective(config.distill, t_meta["model"] == "stylegan2_generator", t_meta["model"])
+    check_growth(config, spec.resolution)
     checks.check_phase(config.train, "config.train")
     optim.check_optimizer_config(config.d_optimizer, "config.d_optimizer")
     if config.scratch.num_steps < 0:
@@ -109,6 +110,26 @@ def check_objective(d: ml_collections.ConfigDict, stylegan2_teacher: bool, teach
     checks.check_fraction(d.ema_decay, "config.distill.ema_decay", closed_high=False)
 
 
+def check_growth(config: ml_collections.ConfigDict, resolution: int) -> None:
+    """`config.distill.progressive`: a DCGAN student, a power-of-two start in [8, resolution], a fade fraction,
+    at least one step per stage."""
+    g = config.distill.progressive
+    if not g.enabled:
+        return
+    if config.student.model != "dcgan_generator":
+        raise ValueError(f"config.distill.progressive needs a 'dcgan_generator' student (it grows stage by stage); "
+                         f"the student is a {config.student.model!r}.")
+    start = g.start_resolution
+    if start < 8 or start > resolution or start & (start - 1):
+        raise ValueError(f"config.distill.progressive.start_resolution={start} must be a power of two in "
+                         f"[8, {resolution}] (the data's resolution).")
+    checks.check_fraction(g.fade_fraction, "config.distill.progressive.fade_fraction")
+    stages = distill_step.Growth.plan(start, resolution, config.train.num_steps, g.fade_fraction).stages
+    if config.train.num_steps < len(stages):
+        raise ValueError(f"config.train.num_steps={config.train.num_steps} is fewer than the {len(stages)} stages "
+                         f"{list(stages)} of config.distill.progressive.")
+
+
 def scratch_config(config: ml_collections.ConfigDict, z_dim: int) -> ml_collections.ConfigDict:
     """The `gan` config of the from-scratch baseline: the student and discriminator of `config` (the student
     taking the teacher's z_dim, so all three models share latents), the same seed, steps, batch and
@@ -147,7 +168,10 @@ def distill_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     spec, d = teacher.spec, config.distill
     shape = (spec.resolution, spec.channels, spec.num_classes)
     student_in_dim = teacher.w_dim if d.reuse_mapping else spec.z_dim
-    student, s_kwargs = model_from_block(config.student, shape, dtype, z_dim=student_in_dim)
+    growth = (distill_step.Growth.plan(d.progressive.start_resolution, spec.resolution, config.train.num_steps,
+                                       d.progressive.fade_fraction) if d.progressive.enabled else None)
+    student, s_kwargs = model_from_block(config.student, shape, dtype, z_dim=student_in_dim,
+                                         **({"progressive": True} if growth else {}))
     discriminator, _ = model_from_block(config.discriminator, shape, dtype)
     s_tx = optim.make_optimizer(config.train.optimizer, config.train.num_steps)
     d_tx = optim.make_optimizer(config.d_optimizer, config.train.num_steps)
@@ -155,7 +179,7 @@ def distill_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     host_t_vars = parallel.to_host(t_vars)
     state, adapters = distill_step.init_state(teacher, host_t_vars, student, discriminator, student_in_dim, s_tx,
                                               d_tx, shape, key)
-    objective = distill_step.Objective(teacher, student, judge, discriminator, adapters, d, shape[2])
+    objective = distill_step.Objective(teacher, student, judge, discriminator, adapters, d, shape[2], growth)
     step = distill_step.make_distill_step(objective, s_tx, d_tx, mesh, key)
 
     # Side-by-side samples (teacher row, student EMA row) on fixed latents and the learning curve, at log steps.
@@ -167,11 +191,15 @@ def distill_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     teacher_row = distill_step.teacher_images(teacher, host_t_vars, sample_z, sample_y, d.truncation_psi)
 
     def on_log(step_number: int, s: distill_step.DistillState) -> None:
-        variables = eval_vars(student_variables(s))
-        row = eval_gen.apply(variables, sample_z, sample_y, train=False)
+        generator, variables = eval_gen, eval_vars(student_variables(s))
+        if growth is not None and step_number < config.train.num_steps:  # the student as grown so far
+            index = growth.stage_index(step_number)
+            generator = AtStage(eval_gen, growth.stages[index], float(growth.alpha(index, step_number)))
+            variables = {c: {"generator": v} for c, v in variables.items()}
+        row = generator.apply(variables, sample_z, sample_y, train=False)
         summaries.write_images(writer, workdir, step_number,
                                {"samples/teacher_vs_student_kd": jnp.concatenate([teacher_row, row])}, columns=8)
-        curve.probe("student_kd", step_number, eval_gen, variables)
+        curve.probe("student_kd", step_number, generator, variables)
 
     curve.start("student_kd", summaries.read_history(workdir))
     state, finished = run_phase("student_kd", config, workdir, parallel.replicate(state, mesh),
