@@ -23,7 +23,7 @@ from absl import logging
 from kdjax import models
 from kdjax.core import summaries
 from kdjax.models import bundles
-from kdjax.evaluation.generators import ModelAndVariables, evaluate_generators
+from kdjax.evaluation.generators import ModelAndVariables, evaluate_generators, real_set
 
 
 def check_judge(judge: Any, judge_vars: Any, resolution: int, channels: int, where: str) -> None:
@@ -95,7 +95,10 @@ def define_flags() -> Any:
     flags.DEFINE_string("judge", "", "Model bundle of the judge classifier.")
     flags.DEFINE_string("reference", None, "Generator the others are compared with on identical latents.")
     flags.DEFINE_string("run", None, "A kdjax run workdir: evaluate its DIR/*/bundle generators.")
-    flags.DEFINE_enum("split", "test", ["test", "train"], "Split whose images are the real set.")
+    flags.DEFINE_enum("split", "all", ["all", "test", "train"], "The real set: every image of the dataset (all), "
+                      "or one split.")
+    flags.DEFINE_integer("teacher_samples", 0, "With --reference: this many samples of the reference generator "
+                         "(on latents of their own) are a second reference set ('vs teacher dist' figures); 0 = off.")
     flags.DEFINE_integer("num_samples", 1000, "Images drawn per generator.")
     flags.DEFINE_integer("batch_size", 256, "Images per step over all devices.")
     flags.DEFINE_integer("seed", 0, "Seed of the latents, labels and noise.")
@@ -128,8 +131,11 @@ def resolve(flags_: Any, argv: Sequence[str]) -> dict[str, Any]:
     workdir = flags_.workdir or (str(pathlib.Path(flags_.run) / "eval") if flags_.run else None)
     if not workdir:
         raise ValueError("--workdir is required without --run.")
-    if flags_.num_samples < 4 or flags_.batch_size < 1:
-        raise ValueError("--num_samples must be >= 4 (k-NN with k = 3) and --batch_size >= 1.")
+    if flags_.num_samples < 4 or flags_.batch_size < 1 or 0 < flags_.teacher_samples < 4:
+        raise ValueError("--num_samples (and --teacher_samples unless 0) must be >= 4 (k-NN with k = 3) and "
+                         "--batch_size >= 1.")
+    if flags_.teacher_samples and reference is None:
+        raise ValueError("--teacher_samples needs --reference (the generator whose samples are the reference set).")
     generators, judge = load_models(gen_dirs, judge_dir, reference, data.resolution, data.channels)
     inception_model = None
     if flags_.inception_weights:
@@ -145,7 +151,7 @@ def resolve(flags_: Any, argv: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
     from absl import app
 
-    from kdjax.core.data import all_images, load_dataset
+    from kdjax.core.data import load_dataset
 
     flags_ = define_flags()
 
@@ -156,12 +162,15 @@ def main(argv: Sequence[str]) -> None:
         except Exception as e:  # CheckpointError, ValueError: a bad flag or path, before any compute
             print(f"kdjax: error: {e}", file=sys.stderr)
             sys.exit(2)
-        real = all_images(dataset.test if flags_.split == "test" else dataset.train)
-        logging.info("Evaluating %s on %d real %s images of %s.", sorted(inputs["generators"]), len(real),
+        real = real_set(dataset, flags_.split)
+        logging.info("Evaluating %s on %d real images (%s) of %s.", sorted(inputs["generators"]), len(real),
                      flags_.split, dataset.name)
-        evaluate_generators(inputs["generators"], inputs["judge"], real, reference=inputs["reference"],
+        reference = inputs["reference"]
+        teacher = ((inputs["generators"][reference], flags_.teacher_samples)
+                   if reference is not None and flags_.teacher_samples else None)
+        evaluate_generators(inputs["generators"], inputs["judge"], real, reference=reference,
                             num_samples=flags_.num_samples, batch_size=flags_.batch_size, seed=flags_.seed,
-                            workdir=inputs["workdir"], inception=inputs["inception"])
+                            workdir=inputs["workdir"], inception=inputs["inception"], teacher_distribution=teacher)
 
     app.run(run, argv=argv)
 
