@@ -4,8 +4,9 @@
         [--network=G_ema] [--conv_clamp=256]
 
 `--pkl` may be a path or an http(s):// or file:// URL. Nothing in the file runs: it is read by a restricted
-unpickler. The conversion is `kdjax.importers.stylegan2`; a bad path, URL or pickle is one
-`kdjax: error:` line and exit status 2.
+unpickler. The conversion is `kdjax.importers.stylegan2`; a bad path, URL or pickle (hostile, truncated,
+corrupt, or not a StyleGAN2 generator) is exit status 2 and exactly one `kdjax: error:` line on stderr, in
+which every non-printable character (CR, LF, terminal escapes) is written as a backslash escape.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdjax.importers.stylegan2 import UnsafePickleError, import_pickle
+from kdjax.importers.pickle_stream import escape
+from kdjax.importers.stylegan2 import NetworkPickleError, import_pickle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         out = import_pickle(args.pkl, args.out, network=args.network, conv_clamp=args.conv_clamp)
-    except (OSError, ValueError, KeyError, UnsafePickleError) as e:  # bad path/URL/pickle: one line, no traceback
-        p.exit(2, f"kdjax: error: {e}\n")
+    except (OSError, NetworkPickleError) as e:  # bad path/URL/pickle: one escaped line, no traceback
+        p.exit(2, f"kdjax: error: {escape(str(e))}\n")
     meta = json.loads((out / "model.json").read_text())
     print(f"Wrote {out} ({meta['kwargs']}).")
 

@@ -91,13 +91,32 @@ def _layer(i, o, w_dim, res, k=3):
     return m
 
 
+LAYOUTS = ("stylegan2-ada", "stylegan3")
+
+
+def generator_init_kwargs(layout, z_dim, w_dim, c_dim, img_resolution, img_channels, channel_base, channel_max,
+                          num_layers, conv_clamp, easydict=dict):
+    """The official Generator's recorded constructor kwargs (`_init_kwargs`) in either repository's layout.
+
+    stylegan2-ada-pytorch, training/networks.py: Generator(z_dim, c_dim, w_dim, img_resolution, img_channels,
+    mapping_kwargs={}, synthesis_kwargs={}). stylegan3, training/networks_stylegan2.py: Generator(..,
+    mapping_kwargs={}, **synthesis_kwargs), which its train.py fills flat (plus fused_modconv_default).
+    """
+    synthesis = dict(channel_base=channel_base, channel_max=channel_max, num_fp16_res=4, conv_clamp=conv_clamp)
+    kwargs = dict(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution,
+                  img_channels=img_channels, mapping_kwargs=easydict(num_layers=num_layers))
+    if layout == "stylegan2-ada":
+        return dict(kwargs, synthesis_kwargs=easydict(synthesis))
+    assert layout == "stylegan3", layout
+    return dict(kwargs, **synthesis, fused_modconv_default="inference_only")
+
+
 def build_official_generator(z_dim, w_dim, c_dim, img_resolution, img_channels, channel_base, channel_max,
-                             num_layers, conv_clamp, easydict=dict):
+                             num_layers, conv_clamp, easydict=dict, layout="stylegan2-ada"):
     torch.manual_seed(0)
-    g = Persistent("Generator", z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution,
-                   img_channels=img_channels, mapping_kwargs=easydict(num_layers=num_layers),
-                   synthesis_kwargs=easydict(channel_base=channel_base, channel_max=channel_max,
-                                             num_fp16_res=4, conv_clamp=conv_clamp))
+    g = Persistent("Generator", **generator_init_kwargs(
+        layout, z_dim, w_dim, c_dim, img_resolution, img_channels, channel_base, channel_max, num_layers,
+        conv_clamp, easydict))
     g.z_dim = z_dim
     mapping = Persistent("MappingNetwork")
     if c_dim:
@@ -128,9 +147,11 @@ def build_official_generator(z_dim, w_dim, c_dim, img_resolution, img_channels, 
     return g
 
 
-def write_pickle(path, mutate=None, cfg=CFG):
+def write_pickle(path, mutate=None, cfg=CFG, layout="stylegan2-ada"):
+    """Writes {G, D, G_ema, augment_pipe, training_set_kwargs} to `path` as the official code would (`layout`:
+    one of LAYOUTS, see `generator_init_kwargs`); returns the torch generator."""
     with fake_official_modules() as (_, easydict):
-        g = build_official_generator(**cfg, easydict=easydict)
+        g = build_official_generator(**cfg, easydict=easydict, layout=layout)
         if mutate:
             mutate(g)
         data = dict(G=g, D=None, G_ema=g, augment_pipe=None,

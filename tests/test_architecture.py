@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "kdjax"
 
 # What each part of kdjax may import (besides itself). Entry points (the command-line modules and the
-# kdjax.train facade) may import anything; nothing may import them.
+# kdjax.train facade) may import anything; nothing may import them, except that the commands may use the
+# facade.
 ENTRY_POINTS = {"kdjax.train", "kdjax.evaluate", "kdjax.cost", "kdjax.stylegan2_import", "kdjax.sweep"}
 ALLOWED = {
     "config": {"pretrained"},
@@ -66,9 +67,10 @@ def test_imports_point_down(name):
     for target, _, line in kdjax_imports(MODULES[name]):
         if target == "kdjax" or part_of(target) == own:
             continue
-        assert target not in ENTRY_POINTS, f"{name}:{line} imports the entry point {target}"
         if name in ENTRY_POINTS:
+            assert target not in ENTRY_POINTS - {"kdjax.train"}, f"{name}:{line} imports the command {target}"
             continue
+        assert target not in ENTRY_POINTS, f"{name}:{line} imports the entry point {target}"
         assert part_of(target) in ALLOWED[own], (
             f"{name}:{line} ({own}) imports {target} ({part_of(target)}); {own} may import {sorted(ALLOWED[own])}")
 

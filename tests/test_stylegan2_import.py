@@ -4,6 +4,7 @@ matches an independent torch implementation of the official formulas; unsafe pic
 import math
 import os
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,48 @@ def test_converted_generator_matches_official_formulas(official):
     np.testing.assert_allclose(np.asarray(feats["res8"]), t_feats["res8"].permute(0, 2, 3, 1).numpy(),
                                rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(np.asarray(img), t_img.permute(0, 2, 3, 1).numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_stylegan3_layout_with_active_clamping_matches_official(tmp_path):
+    """stylegan3's Generator takes the synthesis kwargs flat (`**synthesis_kwargs`), so its pickles record
+    conv_clamp in init_kwargs itself. With conv_clamp=2 clamping changes the image by far more than the
+    tolerance, and the converted generator must clamp exactly as the official formulas do."""
+    path = tmp_path / "stylegan3.pkl"
+    g = write_pickle(path, cfg=dict(CFG, conv_clamp=2.0), layout="stylegan3")
+    assert "synthesis_kwargs" not in g._init_kwargs and g._init_kwargs["conv_clamp"] == 2.0
+    kwargs, variables = si.convert_generator(si.load_network_pickle(path)["G_ema"])
+    assert kwargs["conv_clamp"] == 2.0 and (kwargs["channel_base"], kwargs["channel_max"]) == (256, 32)
+    from kdjax.models.stylegan2 import Generator
+    gen = Generator(**kwargs)
+    z = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    ws = gen.apply(variables, jnp.asarray(z), jnp.array([0, 1, 2]), method="mapping")
+    img = gen.apply(variables, ws, method="synthesis", noise_mode="const")
+    with torch.no_grad():
+        t_img = t_synthesis(g, torch.tensor(np.asarray(ws)), 2.0)[0].permute(0, 2, 3, 1).numpy()
+        unclamped = t_synthesis(g, torch.tensor(np.asarray(ws)), math.inf)[0].permute(0, 2, 3, 1).numpy()
+    assert np.abs(t_img - unclamped).max() > 1.0          # clamping is really active
+    np.testing.assert_allclose(np.asarray(img), t_img, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["stylegan2-ada", "stylegan3"])
+@pytest.mark.parametrize("option, value, message", [
+    ("architecture", "resnet", "architecture='resnet'"), ("resample_filter", [1, 2, 1], "resample_filter"),
+    ("channel_max", 64, "channel_max=64"), ("conv_clamp", "256", "conv_clamp='256'")])
+def test_unsupported_synthesis_options_are_refused_in_both_layouts(tmp_path, layout, option, value, message):
+    def mutate(g):
+        target = g._init_kwargs["synthesis_kwargs"] if layout == "stylegan2-ada" else g._init_kwargs
+        target[option] = value
+    path = tmp_path / "net.pkl"
+    write_pickle(path, mutate=mutate, layout=layout)
+    with pytest.raises(si.NetworkPickleError, match=re.escape(message)):
+        si.convert_generator(si.load_network_pickle(path)["G_ema"])
+
+
+def test_a_synthesis_option_given_both_ways_is_refused(tmp_path):
+    path = tmp_path / "net.pkl"
+    write_pickle(path, mutate=lambda g: g._init_kwargs.update(conv_clamp=2.0))   # flat and nested
+    with pytest.raises(si.NetworkPickleError, match="'conv_clamp' both flat and in synthesis_kwargs"):
+        si.convert_generator(si.load_network_pickle(path)["G_ema"])
 
 
 def test_shape_inference_without_init_kwargs(official, tmp_path):

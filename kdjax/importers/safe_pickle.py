@@ -3,33 +3,41 @@
 A pickle is a program. The official StyleGAN2 pickles (stylegan2-ada-pytorch, stylegan3) reduce networks
 to `torch_utils.persistence._reconstruct_persistent_obj(meta)`, whose real implementation `exec`s the class
 source in `meta['module_src']`, and tensors to `torch._utils._rebuild_tensor_v2(storage, ...)` with the
-storage a legacy `torch.save` blob (`torch.storage._load_from_bytes`). `SafeUnpickler.find_class` resolves
-only an explicit allow-list of such names, each to our own re-implementation that builds plain data:
-numpy arrays for tensors, `PersistentObject` dicts for networks (the source text is never executed), plain
-dicts/sets for containers. Any other global (`os.system`, `builtins.eval`, ...) raises
-`UnsafePickleError` when the pickle names it, before it could be called. Neither torch nor the official
-code is imported.
+storage a legacy `torch.save` blob (`torch.storage._load_from_bytes`). The loader resolves only an explicit
+allow-list of such names, each to our own re-implementation that builds plain data: numpy arrays for
+tensors, `PersistentObject` dicts for networks (the source text is never executed), plain dicts/sets for
+containers. Any other global (`os.system`, `builtins.eval`, ...) raises `UnsafePickleError` when the pickle
+names it, before it could be called. Neither torch nor the official code is imported.
+
+Hostile and broken files are refused with `NetworkPickleError` (a ValueError; `UnsafePickleError` is one),
+and nothing else: the stream is checked before it is unpickled (`pickle_stream`: declared sizes, memo
+indexes, dict keys), tensors are bounds-checked and budgeted (`torch_storage`), every allowed global is a
+fresh frozen object per load (a pickle cannot alter it for a later load), and the result is walked once
+with a memo and a depth limit (shared references stay shared; cycles are refused).
 
 `load_network_pickle(path)` reads a file; `state_dict(network)` flattens a network's parameters and
-buffers to {"dotted.name": numpy array}. The StyleGAN2 name mapping lives in `kdjax.stylegan2_import`.
+buffers to {"dotted.name": numpy array}. The StyleGAN2 name mapping lives in `kdjax.importers.stylegan2`.
 """
 
 from __future__ import annotations
 
 import collections
-import io
+import functools
 import os
-import pickle
-import struct
-from typing import Any, BinaryIO, Callable, Mapping
+import pathlib
+from typing import Any, BinaryIO
 
 import numpy as np
 
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+from kdjax.importers import torch_storage as ts
+from kdjax.importers.pickle_stream import (Budget, NetworkPickleError, UnsafePickleError, describe,
+                                           refuse_global, restricted_load)
 
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle references a global outside the allow-list."""
+__all__ = ["EasyDict", "NetworkPickleError", "PersistentObject", "UnsafePickleError", "load_network_pickle",
+           "state_dict"]
+MAX_DEPTH = 100               # container nesting of a loaded pickle (a network pickle: ~16)
+MAX_MODULE_DEPTH = 32         # submodule nesting in state_dict (StyleGAN2: 4)
+MAX_NAME_CHARS = 1 << 24      # total characters of state_dict names (a 1024x1024 G: ~60 k)
 
 
 class PersistentObject(dict):
@@ -39,246 +47,234 @@ class PersistentObject(dict):
     `_parameters`, `_buffers`, `_modules`, `_init_kwargs`, ...). The class source is dropped, unread.
     """
 
-
-class EasyDict(dict):
-    """Stand-in for `dnnlib.util.EasyDict`: a plain dict."""
-
-
-def _reconstruct_persistent_obj(meta: Mapping[str, Any]) -> PersistentObject:
-    if not isinstance(meta, dict) or meta.get("type") != "class":
-        raise UnsafePickleError("persistent object: unexpected meta record.")
-    return PersistentObject(class_name=meta.get("class_name"), version=meta.get("version"),
-                            state=meta.get("state") or {})
+    def __setstate__(self, *state):   # BUILD (on an instance, or unbound on the class): never official
+        raise NetworkPickleError("BUILD on a persistent network object is refused.")
 
 
-# --- numpy objects, rebuilt from data only -------------------------------------------------------------
+class _FrozenType(type):
+    """Metaclass of the one allowed class given to the pickle as a type: its attributes cannot be changed."""
 
-class _DtypeSpec:
-    """Stand-in for `numpy.dtype(name, align, copy)` followed by BUILD(state)."""
+    def __setattr__(cls, name, value):
+        raise NetworkPickleError(f"setting {describe(name)} on {cls.__name__} is refused.")
 
-    def __init__(self, name, align=False, copy=False):
-        if not isinstance(name, str):
-            raise UnsafePickleError(f"numpy.dtype: unsupported argument {name!r}.")
-        self.name, self.byteorder = name, "="
-
-    def __setstate__(self, state):
-        if not isinstance(state, tuple) or len(state) < 3 or state[2] is not None:
-            raise UnsafePickleError("numpy.dtype: structured dtypes are not supported.")
-        self.byteorder = state[1]
-
-    def to_numpy(self) -> np.dtype:
-        dt = np.dtype(self.name)
-        if dt.hasobject:
-            raise UnsafePickleError("numpy: object arrays are refused (they can hold arbitrary objects).")
-        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+    def __delattr__(cls, name):
+        raise NetworkPickleError(f"deleting {describe(name)} of {cls.__name__} is refused.")
 
 
-def _to_dtype(d) -> np.dtype:
-    if isinstance(d, _DtypeSpec):
-        return d.to_numpy()
-    raise UnsafePickleError(f"numpy: unexpected dtype {d!r}.")
+class EasyDict(dict, metaclass=_FrozenType):
+    """Stand-in for `dnnlib.util.EasyDict`: a plain dict, built as dnnlib pickles it (NEWOBJ, SETITEMS)."""
+
+    def __init__(self):
+        super().__init__()
+
+    def __setstate__(self, *state):   # BUILD, on an instance or (unbound) on the class
+        raise NetworkPickleError("BUILD on an EasyDict is refused.")
 
 
-def _np_scalar(dtype, data: bytes = b""):
-    return np.frombuffer(data, dtype=_to_dtype(dtype))[0]
+def _reconstruct_persistent_obj(meta) -> PersistentObject:
+    """`torch_utils.persistence._reconstruct_persistent_obj`, minus the `exec` of meta['module_src']."""
+    kind = meta.get("type") if isinstance(meta, dict) else None
+    if not (isinstance(kind, str) and kind == "class"):
+        raise NetworkPickleError(f"persistent object: unexpected meta record {describe(meta)}.")
+    class_name, state = meta.get("class_name"), meta.get("state")
+    if not isinstance(class_name, (str, type(None))) or not isinstance(state, (dict, type(None))):
+        raise NetworkPickleError(f"persistent object: class name {describe(class_name)} or state "
+                                 f"{describe(state)} of the wrong type.")
+    return PersistentObject(class_name=class_name, version=meta.get("version"),
+                            state=state if state is not None else {})
 
 
-class _NdarraySpec:
-    """Stand-in for `numpy.core.multiarray._reconstruct(ndarray, ...)` followed by BUILD(state)."""
-    array = None
-
-    def __setstate__(self, state):
-        _, shape, dtype, fortran, raw = state
-        if not isinstance(raw, (bytes, bytearray)):
-            raise UnsafePickleError("numpy: only raw-buffer arrays are supported.")
-        self.array = np.frombuffer(raw, dtype=_to_dtype(dtype)).reshape(shape, order="F" if fortran else "C")
-
-
-def _np_reconstruct(subtype, shape, dtype_code):
-    if subtype is not _NDARRAY_MARKER:
-        raise UnsafePickleError("numpy: only plain ndarrays are supported.")
-    return _NdarraySpec()
-
-
-def _np_frombuffer(buf, dtype, shape, order):
-    return np.frombuffer(buf, dtype=_to_dtype(dtype)).reshape(shape, order=order)
+def _copied_container(budget: Budget, factory, items=()):
+    """set/frozenset/OrderedDict(items): flat keys only (str, bytes, numbers, None), charged to the budget."""
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise NetworkPickleError(f"{factory.__name__}: unsupported argument {describe(items)}.")
+    budget.spend("copied items", len(items), f"{factory.__name__}(...)")
+    if factory is collections.OrderedDict:
+        if not all(isinstance(p, tuple) and len(p) == 2 for p in items):
+            raise NetworkPickleError(f"OrderedDict: {describe(items)} is not a list of (key, value) pairs.")
+        keys = [p[0] for p in items]
+    else:
+        keys = items
+    if not all(isinstance(k, (str, bytes, int, float, type(None))) for k in keys):
+        raise NetworkPickleError(f"{factory.__name__}: keys {describe(list(keys))} are not str, bytes or numbers.")
+    others = sum(not isinstance(k, (str, bytes)) for k in keys)
+    if others:
+        budget.spend("other keys", others, f"{factory.__name__}(...)")
+    return factory(items)
 
 
-_NDARRAY_MARKER = object()
+class _Loader:
+    """One load's allow-list: (module, name) -> a fresh `Global` wrapping our reconstructor, bound to this
+    load's budget. Nothing else resolves, and nothing here is shared with another load."""
 
-# --- torch tensors, rebuilt as numpy arrays ---------------------------------------------------------------
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}
-
-
-def _storage_dtype(name: str) -> np.dtype:
-    dt = _STORAGE_DTYPES[name]
-    if dt == "bfloat16":
-        import ml_dtypes  # a jax dependency
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(dt)
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        self.name = name
-
-
-def _load_storage_bytes(blob: bytes) -> np.ndarray:
-    """Reads the legacy `torch.save` format of one storage (what `torch.storage._load_from_bytes` gets).
-
-    Layout: pickle(magic), pickle(protocol), pickle(sys_info), pickle(storage, with a persistent id
-    ('storage', <torch.XStorage>, key, location, numel[, view])), pickle([keys]), then per key an int64
-    element count and the raw little-endian data.
-    """
-    f = io.BytesIO(blob)
-    if _restricted_load(f, {}) != _LEGACY_MAGIC:
-        raise UnsafePickleError("tensor storage: not a legacy torch.save blob (bad magic number).")
-    _restricted_load(f, {})                 # protocol version
-    sys_info = _restricted_load(f, {})
-    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-        raise UnsafePickleError("tensor storage: big-endian storages are not supported.")
-    records: dict[str, tuple] = {}
-
-    def persistent_load(pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise UnsafePickleError(f"tensor storage: unexpected persistent id {pid!r}.")
-        stype, key, _, numel = pid[1], str(pid[2]), pid[3], pid[4]
-        view = pid[5] if len(pid) > 5 else None
-        if not isinstance(stype, _StorageType):
-            raise UnsafePickleError("tensor storage: unexpected storage type.")
-        records[key] = (stype, numel)
-        return ("storage_ref", key, view)
-
-    ref = _restricted_load(f, _STORAGE_GLOBALS, persistent_load)
-    keys = _restricted_load(f, {})
-    data = {}
-    for key in keys:
-        (numel,) = struct.unpack("<q", f.read(8))
-        dt = _storage_dtype(records[str(key)][0].name)
-        data[str(key)] = np.frombuffer(f.read(numel * dt.itemsize), dtype=dt, count=numel)
-    _, key, view = ref
-    arr = data[key]
-    if view is not None:                   # (view_key, offset, size) in old torch versions
-        _, offset, size = view
-        arr = arr[offset:offset + size]
-    return arr
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused) -> np.ndarray:
-    if not isinstance(storage, np.ndarray):
-        raise UnsafePickleError("tensor: storage is not a rebuilt storage.")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if any(s == 0 for s in size):
-        return np.zeros(size, storage.dtype)
-    last = int(offset) + sum((n - 1) * s for n, s in zip(size, stride))
-    if offset < 0 or last >= storage.size or any(s < 0 for s in stride):
-        raise UnsafePickleError("tensor: size/stride out of the storage's bounds.")
-    base = storage[int(offset):]
-    view = np.lib.stride_tricks.as_strided(base, size, [s * storage.itemsize for s in stride],
-                                           writeable=False)
-    return np.array(view)
-
-
-def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *state):
-    return data
-
-
-# (module, name) -> our re-implementation. Nothing else resolves.
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-    ("dnnlib.util", "EasyDict"): EasyDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("numpy", "dtype"): _DtypeSpec,
-    ("numpy", "ndarray"): _NDARRAY_MARKER,
-    ("numpy.core.multiarray", "scalar"): _np_scalar,
-    ("numpy._core.multiarray", "scalar"): _np_scalar,
-    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
-}
-# Inside a storage blob: only the storage type names.
-_STORAGE_GLOBALS = {("torch", name): _StorageType(name) for name in _STORAGE_DTYPES}
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """`pickle.Unpickler` that resolves globals only from an allow-list of safe re-implementations."""
-
-    def __init__(self, file: BinaryIO, allowed: Mapping[tuple[str, str], Any],
-                 persistent_load: Callable | None = None):
-        super().__init__(file)
-        self._allowed = allowed
-        self._persistent_load = persistent_load
+    def __init__(self, budget: Budget):
+        ndarray = ts.Global(qualname="numpy.ndarray", fn=None)
+        fns = {
+            ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+            ("torch._utils", "_rebuild_tensor_v2"): functools.partial(ts.rebuild_tensor, budget),
+            ("torch._utils", "_rebuild_tensor"): functools.partial(ts.rebuild_tensor, budget),
+            ("torch._utils", "_rebuild_parameter"): ts.rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): ts.rebuild_parameter,
+            ("torch.storage", "_load_from_bytes"): functools.partial(ts.load_storage_blob, budget),
+            ("collections", "OrderedDict"): functools.partial(_copied_container, budget, collections.OrderedDict),
+            ("numpy", "dtype"): ts.numpy_dtype,
+        }
+        for builtins in ("builtins", "__builtin__"):
+            fns[(builtins, "set")] = functools.partial(_copied_container, budget, set)
+            fns[(builtins, "frozenset")] = functools.partial(_copied_container, budget, frozenset)
+        for core in ("numpy.core", "numpy._core"):
+            fns[(f"{core}.multiarray", "scalar")] = ts.numpy_scalar
+            fns[(f"{core}.multiarray", "_reconstruct")] = functools.partial(ts.numpy_reconstruct, ndarray)
+            fns[(f"{core}.numeric", "_frombuffer")] = ts.numpy_frombuffer
+        self.globals: dict[tuple[str, str], Any] = {key: ts.Global(qualname=".".join(key), fn=fn)
+                                                    for key, fn in fns.items()}
+        self.globals[("numpy", "ndarray")] = ndarray
+        self.globals[("dnnlib.util", "EasyDict")] = EasyDict
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"Refusing to load the pickle: it references the global '{module}.{name}', which is not "
-                f"on the allow-list of tensor and container types (nothing from it was run).") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        if self._persistent_load is None:
-            raise UnsafePickleError(f"Refusing to load the pickle: unexpected persistent id {pid!r}.")
-        return self._persistent_load(pid)
+        if (module, name) not in self.globals:
+            refuse_global(module, name)
+        return self.globals[(module, name)]
 
 
-def _restricted_load(f: BinaryIO, allowed, persistent_load=None) -> Any:
-    return SafeUnpickler(f, allowed, persistent_load).load()
+class _Finalizer:
+    """Swaps the stand-ins of a loaded pickle for plain values (arrays, dtypes), walking it once.
 
+    Each container is converted once (an id-keyed memo that also keeps the originals alive, so ids stay
+    unique): shared references stay shared, in linear time. A reference cycle, nesting deeper than MAX_DEPTH,
+    or a stand-in that no network pickle holds as a value (a bare global, a storage type) is an error.
+    """
+    _LEAVES = (str, bytes, int, float, bool, type(None), np.ndarray, np.generic)
 
-def _finalize(obj: Any) -> Any:
-    """Replaces numpy stand-ins by arrays, recursively."""
-    if isinstance(obj, _NdarraySpec):
-        return obj.array
-    if isinstance(obj, dict):
-        for k in list(obj):
-            obj[k] = _finalize(obj[k])
+    def __init__(self):
+        self.done: dict[int, tuple[Any, Any]] = {}
+        self.active: set[int] = set()
+
+    def convert(self, obj: Any, depth: int = 0) -> Any:
+        if isinstance(obj, self._LEAVES):
+            return obj
+        key = id(obj)
+        if key in self.done:
+            return self.done[key][1]
+        if key in self.active:
+            raise NetworkPickleError("the pickle contains itself (a reference cycle), which no network has.")
+        if depth > MAX_DEPTH:
+            raise NetworkPickleError(f"the pickle nests containers more than {MAX_DEPTH} deep.")
+        self.active.add(key)
+        result = self._convert(obj, depth + 1)
+        self.active.discard(key)
+        self.done[key] = (obj, result)
+        return result
+
+    def _convert(self, obj: Any, depth: int) -> Any:
+        if isinstance(obj, (ts.ArrayValue, ts.Storage, ts.NdarraySpec)) and obj.array is not None:
+            return obj.array
+        if isinstance(obj, ts.DtypeSpec):
+            return obj.dtype
+        if isinstance(obj, ts.Frozen):
+            raise NetworkPickleError(f"the pickle holds a bare {type(obj).__name__} as a value.")
+        if isinstance(obj, (dict, list)):       # in place: keeps the identity (and sharing) of containers
+            for k in (list(obj) if isinstance(obj, dict) else range(len(obj))):
+                obj[k] = self.convert(obj[k], depth)
+            return obj
+        if isinstance(obj, tuple):
+            return tuple([self.convert(v, depth) for v in obj])
+        if isinstance(obj, (set, frozenset)):
+            items = [self.convert(v, depth) for v in obj]
+            if any(isinstance(v, np.ndarray) for v in items):
+                raise NetworkPickleError("the pickle holds an array inside a set.")
+            return type(obj)(items)
         return obj
-    if isinstance(obj, list):
-        return [_finalize(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_finalize(v) for v in obj)
-    return obj
+
+
+def _read(path_or_file: str | os.PathLike | BinaryIO) -> bytes:
+    data = path_or_file.read() if hasattr(path_or_file, "read") else pathlib.Path(path_or_file).read_bytes()
+    if not isinstance(data, bytes):
+        raise NetworkPickleError("the pickle must be read in binary mode.")
+    if not data:
+        raise NetworkPickleError("the file is empty, not a network pickle.")
+    if data.startswith(b"PK\x03\x04"):
+        raise NetworkPickleError("the file is a zip archive (torch.save's format?), not a network pickle "
+                                 "(stylegan2-ada-pytorch and stylegan3 write those with pickle.dump).")
+    return data
 
 
 def load_network_pickle(path_or_file: str | os.PathLike | BinaryIO) -> dict:
     """Reads an official network pickle as plain data (numpy arrays, dicts, `PersistentObject`s).
 
     Raises:
-      UnsafePickleError: the pickle references anything outside the allow-list (named in the message).
+      OSError: the path cannot be read.
+      UnsafePickleError: the pickle references a global outside the allow-list (named in the message).
+      NetworkPickleError: anything else wrong with the file (empty, truncated, corrupt, oversized, hostile,
+        or its top level not a dict).
     """
-    if hasattr(path_or_file, "read"):
-        return _finalize(_restricted_load(path_or_file, _ALLOWED_GLOBALS))
-    with open(path_or_file, "rb") as f:
-        return _finalize(_restricted_load(f, _ALLOWED_GLOBALS))
+    data = _read(path_or_file)
+    budget = Budget(len(data))
+    obj, _ = restricted_load(data, 0, budget, _Loader(budget).find_class)
+    if not isinstance(obj, dict):
+        hint = " (a legacy torch.save file)" if isinstance(obj, int) and obj == ts.LEGACY_MAGIC else ""
+        raise NetworkPickleError(f"not a network pickle: it holds {describe(obj)}{hint}, not a dict of "
+                                 f"networks (G, D, G_ema, ...).")
+    return _Finalizer().convert(obj)
+
+
+class _StateDictReader:
+    """Collects one network's parameters and buffers; see `state_dict`."""
+
+    def __init__(self):
+        self.out: dict[str, np.ndarray] = {}
+        self.seen: set[int] = set()
+        self.chars = 0
+
+    def read(self, module: PersistentObject, prefix: str) -> None:
+        if id(module) in self.seen or prefix.count(".") > MAX_MODULE_DEPTH:
+            raise NetworkPickleError(f"{describe(prefix)}: a submodule that appears twice, or nests more than "
+                                     f"{MAX_MODULE_DEPTH} deep.")
+        self.seen.add(id(module))
+        state = module.get("state")
+        for group in ("_parameters", "_buffers"):
+            for name, value in self._entries(state, group, prefix):
+                if value is not None:
+                    self._add(self._name(prefix, name), value)
+        for name, child in self._entries(state, "_modules", prefix):
+            if child is None:
+                continue
+            name = self._name(prefix, name)
+            if not isinstance(child, PersistentObject):
+                raise NetworkPickleError(f"{describe(name)}: the submodule is {describe(child)}, not a "
+                                         f"persistent network object.")
+            self.read(child, name + ".")
+
+    @staticmethod
+    def _entries(state, group: str, prefix: str) -> list:
+        entries = state.get(group) if isinstance(state, dict) else None
+        if entries is None:
+            return []
+        if not isinstance(entries, dict):
+            raise NetworkPickleError(f"{describe(prefix + group)} is {describe(entries)}, not a dict.")
+        return list(entries.items())
+
+    def _name(self, prefix: str, name) -> str:
+        if not isinstance(name, str) or not 0 < len(name) <= 256 or "." in name:
+            raise NetworkPickleError(f"{describe(prefix)}: {describe(name)} is not a module attribute name.")
+        self.chars += len(prefix) + len(name)
+        if self.chars > MAX_NAME_CHARS:
+            raise NetworkPickleError(f"the network's parameter names exceed {MAX_NAME_CHARS} characters.")
+        return prefix + name
+
+    def _add(self, name: str, value) -> None:
+        if not isinstance(value, np.ndarray) or not (value.dtype.kind in "biuf" or value.dtype.name == "bfloat16"):
+            raise NetworkPickleError(f"{describe(name)}: {describe(value)} is not a numeric tensor.")
+        self.out[name] = value
 
 
 def state_dict(obj: PersistentObject, prefix: str = "") -> dict[str, np.ndarray]:
-    """Flat {'mapping.fc0.weight': array, ...} of a network's parameters and buffers (torch naming)."""
-    out = {}
-    state = obj["state"]
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if value is not None:
-                out[prefix + name] = np.asarray(value)
-    for name, child in (state.get("_modules") or {}).items():
-        if child is None:
-            continue
-        if not isinstance(child, PersistentObject):
-            raise ValueError(f"{prefix + name}: submodule is not a persistent network object.")
-        out.update(state_dict(child, prefix + name + "."))
-    return out
+    """Flat {'mapping.fc0.weight': array, ...} of a network's parameters and buffers (torch naming).
+
+    Raises NetworkPickleError if the network is not a tree of persistent objects holding numeric arrays.
+    """
+    if not isinstance(obj, PersistentObject):
+        raise NetworkPickleError(f"{describe(obj)} is not a persistent network object.")
+    reader = _StateDictReader()
+    reader.read(obj, prefix)
+    return reader.out

@@ -8,7 +8,9 @@ PKL may also be an http(s):// or file:// URL: it is downloaded once into the cac
 (`$KDJAX_CACHE`, default ~/.cache/kdjax/pickles) and read from there, through the same restricted unpickler.
 
 The pickle is read by `kdjax.importers.safe_pickle` (a restricted unpickler: no code from the file runs);
-this module infers the architecture, maps every official name to ours and writes the bundle.
+this module infers the architecture, maps every official name to ours and writes the bundle. Every problem
+with the file, from a truncated stream to a weight of the wrong shape, is a `NetworkPickleError` (a
+ValueError) with a one-line message; a path that cannot be read or downloaded is an OSError.
 """
 
 from __future__ import annotations
@@ -29,65 +31,143 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from kdjax.importers.safe_pickle import PersistentObject, UnsafePickleError, load_network_pickle, state_dict
+from kdjax.importers.pickle_stream import describe
+from kdjax.importers.safe_pickle import (NetworkPickleError, PersistentObject, UnsafePickleError,
+                                         load_network_pickle, state_dict)
 from kdjax.models import bundles
 from kdjax.models.stylegan2 import Generator
 
-__all__ = ["PersistentObject", "UnsafePickleError", "load_network_pickle", "state_dict", "convert_generator",
-           "fetch_pickle", "import_pickle", "load_teacher", "save_teacher"]
+__all__ = ["NetworkPickleError", "PersistentObject", "UnsafePickleError", "load_network_pickle", "state_dict",
+           "convert_generator", "fetch_pickle", "import_pickle", "load_teacher", "read_init_kwargs",
+           "save_teacher"]
 URL_SCHEMES = ("http", "https", "file")
 
 
 # --- architecture inference ------------------------------------------------------------------------------
+
+MAX_RESOLUTION = 4096            # official StyleGAN2: up to 1024
+MAX_FEATURES = 1 << 16           # any width, z_dim, w_dim, c_dim (official: up to 512)
+_GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")
+
 
 def _infer_channel_base(channels: dict[int, int], channel_max: int) -> int:
     top = max(channels)
     for base in range(channels[top] * top, channels[top] * top + top):
         if all(min(base // r, channel_max) == c for r, c in channels.items()):
             return base
-    raise ValueError(f"Channel counts {channels} do not follow min(channel_base // res, channel_max).")
+    raise NetworkPickleError(f"Channel counts {channels} do not follow min(channel_base // res, channel_max).")
 
 
-def infer_generator_kwargs(g: PersistentObject, sd: Mapping[str, np.ndarray]) -> dict:
-    """Generator fields from the pickle's `init_kwargs` where present, checked against the shapes."""
-    fc = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"mapping\.fc(\d+)\.weight", k)))
-    res = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"synthesis\.b(\d+)\.conv1\.weight", k)))
+def _weight_shape(sd: Mapping[str, np.ndarray], name: str, ndim: int) -> tuple[int, ...]:
+    """The shape of weight `name`, which must exist, have `ndim` axes, and sizes in 1..MAX_FEATURES."""
+    if name not in sd:
+        raise NetworkPickleError(f"Not a StyleGAN2 generator: no {name!r} weight.")
+    shape = tuple(sd[name].shape)
+    if len(shape) != ndim or not all(1 <= n <= MAX_FEATURES for n in shape):
+        raise NetworkPickleError(f"{name}: shape {shape} is not {ndim}-D with sizes 1..{MAX_FEATURES}.")
+    return shape
+
+
+def _numbered(sd: Mapping[str, np.ndarray], pattern: str) -> list[int]:
+    return sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(pattern, k, re.ASCII)))
+
+
+def _kwargs_from_weights(sd: Mapping[str, np.ndarray]) -> tuple[dict, dict[int, int]]:
+    """Generator fields read off the weight shapes, and the channel count per resolution."""
+    fc = _numbered(sd, r"mapping\.fc([0-9]{1,4})\.weight")
+    res = _numbered(sd, r"synthesis\.b([0-9]{1,5})\.conv1\.weight")
     if not fc or not res:
-        raise ValueError("Not a StyleGAN2 generator: no mapping.fc*/synthesis.b*.conv1 weights found.")
-    channels = {r: sd[f"synthesis.b{r}.conv1.weight"].shape[0] for r in res}
-    c_dim = sd["mapping.embed.weight"].shape[1] if "mapping.embed.weight" in sd else 0
-    embed = sd["mapping.embed.weight"].shape[0] if c_dim else 0
-    w_dim = sd[f"mapping.fc{fc[-1]}.weight"].shape[0]
-    layer = sd["mapping.fc0.weight"].shape[0] if len(fc) > 1 else w_dim
+        raise NetworkPickleError("Not a StyleGAN2 generator: no mapping.fc*/synthesis.b*.conv1 weights found.")
+    if fc != list(range(len(fc))) or res[-1] > MAX_RESOLUTION or res != [4 << i for i in range(len(res))]:
+        raise NetworkPickleError(f"Not a StyleGAN2 generator: mapping layers {fc[:8]}, synthesis blocks "
+                                 f"{res[:8]} (expected fc0, fc1, ... and b4, b8, ... up to b{MAX_RESOLUTION}).")
+    channels = {r: _weight_shape(sd, f"synthesis.b{r}.conv1.weight", 4)[0] for r in res}
+    embed, c_dim = (_weight_shape(sd, "mapping.embed.weight", 2) if "mapping.embed.weight" in sd else (0, 0))
+    fc0 = _weight_shape(sd, "mapping.fc0.weight", 2)
+    w_dim = _weight_shape(sd, f"mapping.fc{fc[-1]}.weight", 2)[0]
+    layer = fc0[0] if len(fc) > 1 else w_dim
+    if fc0[1] <= embed:
+        raise NetworkPickleError(f"mapping.fc0.weight: {fc0[1]} inputs leave no room for z next to the "
+                                 f"{embed} label-embedding features.")
     channel_max = max(channels.values())
-    kw = dict(z_dim=sd["mapping.fc0.weight"].shape[1] - embed, w_dim=w_dim, c_dim=c_dim,
-              img_resolution=max(res), img_channels=sd[f"synthesis.b{max(res)}.torgb.weight"].shape[0],
+    kw = dict(z_dim=fc0[1] - embed, w_dim=w_dim, c_dim=c_dim, img_resolution=res[-1],
+              img_channels=_weight_shape(sd, f"synthesis.b{res[-1]}.torgb.weight", 4)[0],
               channel_base=_infer_channel_base(channels, channel_max), channel_max=channel_max,
               mapping_layers=len(fc), mapping_embed_features=(embed if c_dim and embed != w_dim else None),
               mapping_layer_features=(layer if layer != w_dim else None), conv_clamp=None)
-    init = g["state"].get("_init_kwargs") or {}
-    syn = dict(init.get("synthesis_kwargs") or {})
-    mapk = dict(init.get("mapping_kwargs") or {})
-    for key in ("z_dim", "w_dim", "c_dim", "img_resolution", "img_channels"):
-        if key in init and int(init[key]) != kw[key]:
-            raise ValueError(f"init_kwargs {key}={init[key]} disagrees with the weights ({kw[key]}).")
+    return kw, channels
+
+
+def _kwargs_dict(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise NetworkPickleError(f"{what} is {describe(value)}, not a dict of keyword arguments.")
+    return dict(value)
+
+
+def read_init_kwargs(g: PersistentObject) -> tuple[dict, dict, dict]:
+    """(generator, synthesis, mapping) keyword arguments the pickle records, in either official layout.
+
+    stylegan2-ada-pytorch (training/networks.py): `Generator(z_dim, c_dim, w_dim, img_resolution,
+    img_channels, mapping_kwargs={}, synthesis_kwargs={})`, so init_kwargs nests the synthesis ones. stylegan3
+    (training/networks_stylegan2.py): `Generator(..., mapping_kwargs={}, **synthesis_kwargs)`, so they lie
+    flat in init_kwargs (channel_base, channel_max, num_fp16_res, conv_clamp, ...). Both are read; a key
+    given both ways is an error.
+    """
+    init = _kwargs_dict(g["state"].get("_init_kwargs"), "init_kwargs")
+    top = {k: init[k] for k in _GENERATOR_ARGS if k in init}
+    syn = {k: v for k, v in init.items() if k not in _GENERATOR_ARGS + ("mapping_kwargs", "synthesis_kwargs")}
+    for key, value in _kwargs_dict(init.get("synthesis_kwargs"), "init_kwargs['synthesis_kwargs']").items():
+        if key in syn:
+            raise NetworkPickleError(f"init_kwargs gives {key!r} both flat and in synthesis_kwargs.")
+        syn[key] = value
+    return top, syn, _kwargs_dict(init.get("mapping_kwargs"), "init_kwargs['mapping_kwargs']")
+
+
+def _number(value: Any, what: str, integer: bool = False) -> float | int:
+    """A finite int or float from init_kwargs, |value| < 2**31 (an int if `integer`), else NetworkPickleError."""
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if numeric and -2 ** 31 < value < 2 ** 31 and (not integer or value == int(value)):   # NaN, inf fail here
+        return int(value) if integer else float(value)
+    kind = "an integer" if integer else "a number"
+    raise NetworkPickleError(f"init_kwargs {what}={describe(value)} is not {kind} of magnitude below 2**31.")
+
+
+def _is_default_filter(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and [float(v) for v in value] == [1.0, 3.0, 3.0, 1.0])
+
+
+def infer_generator_kwargs(g: PersistentObject, sd: Mapping[str, np.ndarray]) -> dict:
+    """Generator fields from the pickle's `init_kwargs` (either layout, `read_init_kwargs`) where present,
+    checked against the weight shapes, which give the rest."""
+    kw, channels = _kwargs_from_weights(sd)
+    top, syn, mapk = read_init_kwargs(g)
+    for key, value in top.items():
+        if _number(value, key, integer=True) != kw[key]:
+            raise NetworkPickleError(f"init_kwargs {key}={describe(value)} disagrees with the weights ({kw[key]}).")
     if "channel_base" in syn or "channel_max" in syn:
-        base, cmax = int(syn.get("channel_base", 32768)), int(syn.get("channel_max", 512))
-        if any(min(base // r, cmax) != c for r, c in channels.items()):
-            raise ValueError(f"init_kwargs channel_base={base}, channel_max={cmax} disagree with the weights.")
+        base = _number(syn.get("channel_base", 32768), "channel_base", integer=True)
+        cmax = _number(syn.get("channel_max", 512), "channel_max", integer=True)
+        if base < 1 or cmax < 1 or any(min(base // r, cmax) != c for r, c in channels.items()):
+            raise NetworkPickleError(f"init_kwargs channel_base={base}, channel_max={cmax} disagree with the weights.")
         kw["channel_base"], kw["channel_max"] = base, cmax
     if syn.get("conv_clamp") is not None:
-        kw["conv_clamp"] = float(syn["conv_clamp"])
+        kw["conv_clamp"] = _number(syn["conv_clamp"], "conv_clamp")
     if mapk.get("w_avg_beta") is not None:
-        kw["w_avg_beta"] = float(mapk["w_avg_beta"])
+        kw["w_avg_beta"] = _number(mapk["w_avg_beta"], "w_avg_beta")
     if mapk.get("lr_multiplier") is not None:
-        kw["mapping_lr_multiplier"] = float(mapk["lr_multiplier"])
+        kw["mapping_lr_multiplier"] = _number(mapk["lr_multiplier"], "lr_multiplier")
     for key, ok in (("architecture", "skip"), ("activation", "lrelu"), ("use_noise", True)):
         for src in (syn, mapk):
-            if key in src and src[key] != ok:
-                raise ValueError(f"Unsupported official option {key}={src[key]!r} (kdjax supports {ok!r}).")
-    if "resample_filter" in syn and list(syn["resample_filter"]) != [1, 3, 3, 1]:
-        raise ValueError(f"Unsupported resample_filter {syn['resample_filter']} (kdjax: [1, 3, 3, 1]).")
+            if key in src and not (type(src[key]) is type(ok) and src[key] == ok):
+                raise NetworkPickleError(f"Unsupported official option {key}={describe(src[key])} (kdjax "
+                                         f"supports {ok!r}).")
+    if "resample_filter" in syn and not _is_default_filter(syn["resample_filter"]):
+        raise NetworkPickleError(f"Unsupported resample_filter {describe(syn['resample_filter'])} "
+                                 f"(kdjax: [1, 3, 3, 1]).")
     return kw
 
 
@@ -103,7 +183,7 @@ def _map_name(name: str, value: np.ndarray) -> tuple[str, tuple[str, ...], np.nd
     if leaf == "resample_filter":
         from kdjax.models.stylegan2_layers import filter_2d
         if value.shape != (4, 4) or not np.allclose(value, filter_2d(), atol=1e-6):
-            raise ValueError(f"{name}: not the [1,3,3,1] filter kdjax implements.")
+            raise NetworkPickleError(f"{name!r}: not the [1,3,3,1] filter kdjax implements.")
         return None
     path = (_TOP.get(parts[0], parts[0]),) + tuple(parts[1:])
     collection = {"w_avg": "w_avg", "noise_const": "noise_consts"}.get(leaf, "params")
@@ -116,6 +196,10 @@ def _map_name(name: str, value: np.ndarray) -> tuple[str, tuple[str, ...], np.nd
     return collection, path, value
 
 
+def _listing(items: list[str], limit: int = 40) -> str:
+    return f"{items[:limit]}" + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def convert_state_dict(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
     """Maps an official state dict onto our variable tree, checking names and shapes both ways.
 
@@ -123,7 +207,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
       sd: official flat names -> arrays.
       expected: our variables (or their `jax.eval_shape`), {collection: tree}.
     Raises:
-      ValueError naming every official name left over, every one of ours missing, and shape mismatches.
+      NetworkPickleError (a ValueError) naming every official name left over, every one of ours missing, and
+      shape mismatches.
     """
     want = {(col,) + p: v for col, tree in expected.items() for p, v in traverse_util.flatten_dict(tree).items()}
     got, extra, bad = {}, [], []
@@ -144,13 +229,13 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
                      for k in want if k not in got)
     problems = []
     if extra:
-        problems.append(f"official names with no kdjax counterpart: {sorted(extra)}")
+        problems.append(f"official names with no kdjax counterpart: {_listing(sorted(extra))}")
     if missing:
-        problems.append(f"names missing from the pickle: {missing}")
+        problems.append(f"names missing from the pickle: {_listing(missing)}")
     if bad:
-        problems.append(f"shape mismatches: {bad}")
+        problems.append(f"shape mismatches: {_listing(bad)}")
     if problems:
-        raise ValueError("Checkpoint does not match the architecture; " + "; ".join(problems))
+        raise NetworkPickleError("Checkpoint does not match the architecture; " + "; ".join(problems))
     return traverse_util.unflatten_dict(got)
 
 
@@ -223,13 +308,13 @@ def fetch_pickle(pkl: str | os.PathLike, cache_dir: str | os.PathLike | None = N
 def import_pickle(pkl: str | os.PathLike, out_dir: str | os.PathLike, network: str = "G_ema",
                   cache_dir: str | os.PathLike | None = None, **overrides: Any) -> pathlib.Path:
     """Converts `network` of an official pickle (a path or URL, see `fetch_pickle`) to DIR (see the module
-    docstring)."""
+    docstring). Raises NetworkPickleError for anything wrong with the file, OSError for a bad path or URL."""
     data = load_network_pickle(fetch_pickle(pkl, cache_dir))
     if network not in data:
-        raise KeyError(f"{pkl}: no {network!r} in the pickle (keys: {sorted(data)}).")
+        raise NetworkPickleError(f"{os.fspath(pkl)!r}: no {network!r} in the pickle (keys: {describe(list(data))}).")
     g = data[network]
     if not isinstance(g, PersistentObject):
-        raise ValueError(f"{network} is not a persistent network object.")
+        raise NetworkPickleError(f"{network!r} is {describe(g)}, not a persistent network object.")
     kwargs, variables = convert_generator(g, **overrides)
     return save_teacher(out_dir, kwargs, variables,
                         extra={"source": str(pkl), "network": network, "class_name": g["class_name"]})
