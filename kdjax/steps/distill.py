@@ -230,8 +230,7 @@ def make_distill_step(objective: Objective, s_tx: optax.GradientTransformation, 
             state.student, state, targets, labels, judge_vars)
         updates, s_opt = s_tx.update(grads, state.s_opt, state.student)
         trainable = optax.apply_updates(state.student, updates)
-        ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, state.student_ema,
-                           trainable["student"])
+        ema = optax.incremental_update(trainable["student"], state.student_ema, 1.0 - cfg.ema_decay)  # decay*ema + (1-decay)*p
         new = state.replace(step=state.step + 1, student=trainable, student_state=student_state, s_opt=s_opt,
                             student_ema=ema)
         scalars = {"loss": loss, **jax.lax.pmean(terms, DATA)}

@@ -122,7 +122,7 @@ def make_gan_step(generator: nn.Module, discriminator: nn.Module, g_tx: optax.Gr
         d_params, d_opt, d_aux = discriminator_update(
             d, d_tx, state.d_params, state.d_opt, state.d_state, batch["image"], real_labels, fake, labels,
             d_loss_of, r1)
-        g_ema = jax.tree.map(lambda e, p: gan.ema_decay * e + (1.0 - gan.ema_decay) * p, state.g_ema, g_params)
+        g_ema = optax.incremental_update(g_params, state.g_ema, 1.0 - gan.ema_decay)  # decay * ema + (1 - decay) * g
         new_state = state.replace(step=state.step + 1, g_params=g_params, g_state=g_state, g_opt=g_opt,
                                   d_params=d_params, d_opt=d_opt, g_ema=g_ema)
         return new_state, {"g_loss": g_loss, **d_aux}
