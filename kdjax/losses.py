@@ -10,6 +10,7 @@ from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Features = Mapping[str, jax.Array]
 
@@ -31,14 +32,19 @@ def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
                   temperature: float = 1.0) -> jax.Array:
     """KL(p_t || p_s) with p = softmax(z / T), batch mean, in nats (no T^2 factor).
 
-    KL = mean_b sum_c p_t[b, c] * (log p_t[b, c] - log p_s[b, c]). Gradients flow to both arguments;
-    callers stop the teacher's gradient.
+    KL = mean_b sum_{c : p_t[b, c] > 0} p_t[b, c] * (log p_t[b, c] - log p_s[b, c]), from log-softmaxes
+    (`optax.losses.kl_divergence_with_log_targets`, the same numbers as writing it out). A class the
+    teacher masks with a logit of -inf has p_t = 0 and adds 0 (the limit of p log p), as in torch's
+    `F.kl_div(log_softmax(z_s), softmax(z_t))`; written out, it would add 0 * (-inf) = NaN. Its log p_t is
+    replaced by 0 before the product, so the gradient stays finite for the teacher's logits as well as the
+    student's. Callers stop the teacher's gradient.
     """
-    t = teacher_logits.astype(jnp.float32) / temperature
-    s = student_logits.astype(jnp.float32) / temperature
-    log_pt = jax.nn.log_softmax(t, axis=-1)
-    log_ps = jax.nn.log_softmax(s, axis=-1)
-    return jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1))
+    log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    support = log_pt != -jnp.inf  # NaN logits stay NaN (and stop the run), only p_t = 0 is left out
+    per_example = optax.losses.kl_divergence_with_log_targets(log_ps, jnp.where(support, log_pt, 0.0),
+                                                              where=support)
+    return jnp.mean(per_example)
 
 
 def distillation_kl(teacher_logits: jax.Array, student_logits: jax.Array,

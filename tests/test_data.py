@@ -123,3 +123,18 @@ def test_tfds_source_on_mock_data():
         batch = data.TrainBatches(ds.train, 8, seed=0, process_index=0, process_count=1).batch(2)
         assert batch["image"].shape == (8, 16, 16, 1) and batch["label"].dtype == np.int32
         assert set(np.unique(batch["label"])) <= set(range(10))
+
+
+def test_every_unreadable_image_is_named_before_any_compute_and_a_fixed_folder_passes(tmp_path):
+    _write_images(tmp_path / "a", 3)
+    _write_images(tmp_path / "b", 3, color=False)
+    good = (tmp_path / "a" / "img0.png").read_bytes()
+    (tmp_path / "a" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "b" / "empty.jpg").write_bytes(b"")
+    cfg = data_config(source="folder", folder=str(tmp_path), resolution=8, channels=1)
+    with pytest.raises(ValueError, match=r"2 of 8 image files are unreadable: .*truncated\.png.*empty\.jpg") as e:
+        data.check_data_config(cfg)  # the config check the launcher runs before compute
+    assert "\n" not in str(e.value)
+    (tmp_path / "a" / "truncated.png").write_bytes(good)  # fixed: the cached verdict does not stick
+    (tmp_path / "b" / "empty.jpg").unlink()
+    data.check_data_config(cfg)

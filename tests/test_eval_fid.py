@@ -131,3 +131,24 @@ def test_kid_near_zero_for_samples_of_one_distribution():
     different = fid_lib.kid(x, shifted, num_subsets=10, subset_size=500)
     assert abs(same["kid_mean"]) < 0.02  # seen: |KID| <= 0.006 over seeds; the shifted set gives ~1
     assert different["kid_mean"] > 0.5
+
+
+@pytest.mark.parametrize("which", ["real", "fake"])
+def test_non_finite_features_are_refused_naming_the_set_and_the_rows(which):
+    rng = np.random.default_rng(9)
+    sets = {"real": rng.standard_normal((300, 8)), "fake": rng.standard_normal((250, 8))}
+    sets[which][5, 0] = np.nan
+    sets[which][9, 3] = np.inf
+    n = len(sets[which])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small-N warning
+        with pytest.raises(ValueError, match=rf"{which} features: 2 of {n} rows hold NaN or inf"):
+            fid_lib.fid(sets["real"], sets["fake"])
+    with pytest.raises(ValueError, match=rf"{which} features: 2 of {n} rows hold NaN or inf"):
+        fid_lib.kid(sets["real"], sets["fake"], num_subsets=2, subset_size=50)
+    stats = fid_lib.FeatureStats(which)  # streaming: the batch that brings the bad rows is refused
+    stats.update(sets[which][:5])
+    with pytest.raises(ValueError, match=rf"{which} features: 2 of 20 rows"):
+        stats.update(sets[which][5:25])
+    with pytest.raises(ValueError, match="sigma1 holds NaN or inf"):
+        fid_lib.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2))

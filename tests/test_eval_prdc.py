@@ -72,3 +72,14 @@ def test_same_distribution_matches_the_expected_density_and_coverage():
     assert out["coverage"] == pytest.approx(expected_coverage, abs=0.03)
     assert out["density"] == pytest.approx(1.0, abs=0.08)
     assert out["precision"] > 0.6 and out["recall"] > 0.6
+
+
+@pytest.mark.parametrize("which, bad_value", [("fake", np.inf), ("real", np.nan), ("fake", -np.inf)])
+def test_non_finite_features_are_refused_naming_the_set_and_the_rows(which, bad_value):
+    rng = np.random.default_rng(6)
+    sets = {"real": rng.standard_normal((200, 5)), "fake": rng.standard_normal((150, 5))}
+    clean = prdc_lib.prdc(sets["real"], sets["fake"])
+    sets[which][[3, 77], 2] = bad_value  # two rows
+    with pytest.raises(ValueError, match=rf"{which} features: 2 of {len(sets[which])} rows hold NaN or inf"):
+        prdc_lib.prdc(sets["real"], sets["fake"])
+    assert 0.0 < clean["precision"] <= 1.0  # the clean sets give numbers; only the bad rows are refused

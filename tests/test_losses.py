@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,3 +61,42 @@ def test_classic_kd_combination():
     only_ce, _ = losses.classic_kd(s, t * 100, y, 1.0, temp)
     assert float(only_ce) == pytest.approx(ce, rel=1e-5)
     assert math.isfinite(float(loss))
+
+
+def _torch_kl(teacher, student, temperature):
+    """torch's F.kl_div(log_softmax(z_s / T), softmax(z_t / T), reduction="batchmean"): an independent reference."""
+    import torch
+    import torch.nn.functional as F
+
+    t, s = torch.tensor(np.asarray(teacher, np.float32)), torch.tensor(np.asarray(student, np.float32))
+    return float(F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1), reduction="batchmean"))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kl_matches_torch_and_stays_finite_with_masked_teacher_classes(temperature):
+    rng = np.random.default_rng(2)
+    t, s = rng.normal(size=(6, 5)).astype(np.float32) * 3, rng.normal(size=(6, 5)).astype(np.float32) * 3
+    t[0, 1] = t[2, 4] = t[2, 0] = -np.inf  # classes the teacher rules out: p_t = 0
+    kl = float(losses.kl_divergence(jnp.asarray(t), jnp.asarray(s), temperature))
+    assert math.isfinite(kl)
+    assert kl == pytest.approx(_torch_kl(t, s, temperature), rel=1e-5)
+    # Finite gradients: the student's (what training uses) and the teacher's (should a caller not stop it).
+    g_s = jax.grad(lambda x: losses.kl_divergence(jnp.asarray(t), x, temperature))(jnp.asarray(s))
+    g_t = jax.grad(lambda x: losses.kl_divergence(x, jnp.asarray(s), temperature))(jnp.asarray(t))
+    assert np.isfinite(np.asarray(g_s)).all() and np.isfinite(np.asarray(g_t)).all()
+    # d KL / d z_s = (p_s - p_t) / (T B): the masked class pulls the student's probability to 0.
+    p = lambda z: np.exp(z / temperature) / np.exp(z / temperature).sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(g_s), (p(s) - p(t)) / (temperature * len(s)), atol=1e-6)
+    # classic_kd with a masked teacher class: a finite loss and a finite student gradient too.
+    y = jnp.asarray(rng.integers(0, 5, 6))
+    grads = jax.grad(lambda x: losses.classic_kd(x, jnp.asarray(t), y, 0.1, temperature)[0])(jnp.asarray(s))
+    assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_kl_unchanged_on_finite_logits_and_nan_still_propagates():
+    rng = np.random.default_rng(3)
+    t, s = jnp.asarray(rng.normal(size=(32, 10)) * 5, jnp.float32), jnp.asarray(rng.normal(size=(32, 10)) * 5, jnp.float32)
+    log_pt, log_ps = jax.nn.log_softmax(t / 2.0), jax.nn.log_softmax(s / 2.0)
+    written_out = jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1))  # the formula, by hand
+    assert float(losses.kl_divergence(t, s, 2.0)) == float(written_out)  # bitwise
+    assert math.isnan(float(losses.kl_divergence(t.at[0, 0].set(jnp.nan), s, 2.0)))  # a NaN teacher is not hidden

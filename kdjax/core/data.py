@@ -6,7 +6,8 @@ One config field, `config.data.source`, picks the source:
 - "tfds": any TFDS image dataset by `name` (mnist, fashion_mnist, cifar10, celeb_a, ...), read with
   `tfds.data_source` (array_record format) from `data_dir`; it downloads and prepares where a network
   exists (`download=True`);
-- "folder": a folder of png/jpg/bmp/webp files, optionally one sub-folder per class.
+- "folder": a folder of png/jpg/bmp/webp files, optionally one sub-folder per class; every file is opened
+  and verified by `check_data_config`, before any compute, and the unreadable ones are named in one error.
 
 Every source becomes a random-access sequence of (image, label) examples, resized (centre-cropped to
 a square first) to `resolution` x `resolution` with `channels` channels, as uint8. Batches come from a
@@ -20,6 +21,7 @@ scaled to [-1, 1]; labels int32 (0 for unlabelled data).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Iterator, Sequence
@@ -153,15 +155,34 @@ def _folder_files(root: pathlib.Path) -> tuple[list[pathlib.Path], list[int], in
     return files, [0] * len(files), 0
 
 
-def _load_folder(cfg: ml_collections.ConfigDict) -> Dataset:
-    root = pathlib.Path(cfg.folder).expanduser()
-    files, labels, num_classes = _folder_files(root)
-    for path in files:  # header-only check of every file before any compute
+@functools.lru_cache(maxsize=8)
+def _unreadable_files(files: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, str], ...]:
+    """(path, reason) of every file that PIL cannot open and verify (header, chunk sums, truncation), for
+    `files` given as (path, size, mtime_ns): the cache key changes when a file does."""
+    bad = []
+    for path, _, _ in files:
         try:
             with Image.open(path) as image:
                 image.verify()
-        except Exception as e:
-            raise ValueError(f"config.data.folder: unreadable image file {str(path)!r}: {e}") from e
+        except Exception as e:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError, ...
+            bad.append((path, f"{type(e).__name__}: {e}".splitlines()[0]))
+    return tuple(bad)
+
+
+def check_image_files(files: Sequence[pathlib.Path], field: str = "config.data.folder") -> None:
+    """Raises ValueError naming every unreadable (empty, truncated, corrupt) image file, before any compute."""
+    stats = tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in ((p, p.stat()) for p in files))
+    bad = _unreadable_files(stats)
+    if bad:
+        shown = "; ".join(f"{path!r} ({reason})" for path, reason in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{field}: {len(bad)} of {len(files)} image files are unreadable: {shown}{more}. Remove "
+                         "or replace them.")
+
+
+def _load_folder(cfg: ml_collections.ConfigDict) -> Dataset:
+    root = pathlib.Path(cfg.folder).expanduser()
+    files, labels, num_classes = _folder_files(root)  # check_data_config has verified every file
     train_idx, test_idx = _fixed_split(len(files), cfg.test_fraction)
     pick = lambda idx: FolderSource([files[i] for i in idx], [labels[i] for i in idx], cfg.resolution, cfg.channels)
     return Dataset(root.name, pick(train_idx), pick(test_idx), num_classes, cfg.resolution, cfg.channels)
@@ -200,6 +221,7 @@ def check_data_config(cfg: ml_collections.ConfigDict) -> None:
         if len(files) < 2:
             raise ValueError(f"config.data.folder={cfg.folder!r} holds {len(files)} image files "
                              f"(suffixes {list(IMAGE_SUFFIXES)}); at least 2 are needed.")
+        check_image_files(files)
     if cfg.source == "tfds":
         import tensorflow_datasets as tfds
 

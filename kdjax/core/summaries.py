@@ -7,11 +7,14 @@ process 0 writes, the others just log) and `periodic_actions.ReportProgress` (st
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import pathlib
+import sys
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from clu import metric_writers, periodic_actions
 
 from kdjax.core.images import image_grid, save_png, to_uint8
@@ -130,23 +133,36 @@ def check_finite(scalars: Mapping[str, float], first_step: int, last_step: int) 
 
 
 class _LibraryInfoFilter:
-    """Drops INFO/DEBUG records logged from inside noisy libraries (Orbax logs every save step by step)."""
+    """Keeps library records to one line: drops INFO/DEBUG records logged from inside noisy libraries (Orbax
+    logs every save step by step) and the traceback of their warnings and errors (Orbax logs one per failed
+    write thread; the error that reaches kdjax is reported once, by the launcher)."""
 
     NOISY = ("/orbax/", "/tensorstore/", "/grain/", "/tensorflow_datasets/")
 
-    def filter(self, record) -> bool:
-        import logging as std_logging
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if not any(p in record.pathname for p in self.NOISY):
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        if record.exc_info:
+            error = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()} ({type(error).__name__}: {error})".splitlines()[0], ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
-        return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self.NOISY)
+
+def _log_unraisable(unraisable) -> None:
+    """sys.unraisablehook: an exception nobody can catch (tensorstore callbacks into a closed asyncio loop
+    after a failed read or write, coroutines of a failed save) is logged at DEBUG instead of printing a
+    traceback on stderr."""
+    absl_logging.debug("unraisable exception in %r: %s: %s", unraisable.object, unraisable.exc_type.__name__,
+                       unraisable.exc_value)
 
 
 def quiet_library_logs() -> None:
-    """Keeps the console to kdjax's own lines (metrics, progress) plus library warnings and errors."""
-    import logging as std_logging
-
-    from absl import logging as absl_logging
-
+    """Keeps the console to kdjax's own lines (metrics, progress) plus one line per library warning or error."""
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
         handler.addFilter(_LibraryInfoFilter())
     std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
+    sys.unraisablehook = _log_unraisable

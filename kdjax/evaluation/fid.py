@@ -29,6 +29,18 @@ import numpy as np
 SMALL_N = 2048
 
 
+def check_finite_rows(x: np.ndarray, name: str) -> None:
+    """Raises ValueError naming the set and how many of its (N, D) feature rows hold NaN or inf.
+
+    One such row makes a mean and covariance NaN (FID: a LinAlgError from the eigensolver) or a kernel sum
+    NaN (KID), so non-finite features are refused rather than turned into a number.
+    """
+    bad = int(np.count_nonzero(~np.isfinite(x).all(axis=1)))
+    if bad:
+        raise ValueError(f"{name} features: {bad} of {x.shape[0]} rows hold NaN or inf (a diverged generator, or "
+                         "a broken feature extractor); metrics need finite features.")
+
+
 class FeatureStats:
     """Streaming first and second moments of features, accumulated in float64.
 
@@ -36,18 +48,20 @@ class FeatureStats:
     first batch), which avoids the cancellation of E[x x^T] - mu mu^T when features have a large mean.
 
     Usage: `stats = FeatureStats(); for f in batches: stats.update(f)`, then `stats.mean`, `stats.cov`.
+    `name` ("real", "fake") names the set in errors; a batch with NaN or inf rows raises ValueError.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "the") -> None:
+        self.name = name
         self.count = 0
         self._shift: np.ndarray | None = None
         self._sum: np.ndarray | None = None
         self._sum_outer: np.ndarray | None = None
 
     @classmethod
-    def from_features(cls, feats: np.ndarray) -> "FeatureStats":
+    def from_features(cls, feats: np.ndarray, name: str = "the") -> "FeatureStats":
         """Statistics of a whole (N, D) array at once."""
-        return cls().update(feats)
+        return cls(name).update(feats)
 
     def update(self, feats: np.ndarray) -> "FeatureStats":
         """Adds a batch of features (B, ...) (flattened to (B, D)); returns self."""
@@ -55,6 +69,7 @@ class FeatureStats:
         x = x.reshape(x.shape[0], -1)
         if x.shape[0] == 0:
             return self
+        check_finite_rows(x, self.name)
         if self._shift is None:
             self._shift = x.mean(axis=0)
             self._sum = np.zeros(x.shape[1])
@@ -107,6 +122,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f"Shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}.")
+    for name, value in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} holds NaN or inf; the Frechet distance needs finite statistics.")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     w1, v1 = np.linalg.eigh(s1)
     sqrt_s1 = (v1 * np.sqrt(_clip_psd(w1, "sigma1"))) @ v1.T
@@ -120,8 +138,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 FeaturesOrStats = Union[np.ndarray, FeatureStats]
 
 
-def _as_stats(x: FeaturesOrStats) -> FeatureStats:
-    return x if isinstance(x, FeatureStats) else FeatureStats.from_features(x)
+def _as_stats(x: FeaturesOrStats, name: str) -> FeatureStats:
+    return x if isinstance(x, FeatureStats) else FeatureStats.from_features(x, name)
 
 
 def _warn_small(num_real: int, dim: int, what: str) -> None:
@@ -141,8 +159,10 @@ def fid(real: FeaturesOrStats, fake: FeaturesOrStats) -> dict[str, float | int]:
 
     Returns:
       {"fid": float, "num_real": N, "num_fake": M}. Warns (UserWarning) when N < `SMALL_N`.
+    Raises:
+      ValueError: a set holds NaN or inf features (naming the set and how many rows).
     """
-    sr, sf = _as_stats(real), _as_stats(fake)
+    sr, sf = _as_stats(real, "real"), _as_stats(fake, "fake")
     if sr.dim != sf.dim:
         raise ValueError(f"Feature dimensions differ: real {sr.dim}, fake {sf.dim}.")
     _warn_small(sr.count, sr.dim, "FID")
@@ -186,11 +206,15 @@ def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size:
     Returns:
       {"kid_mean", "kid_std" (std over subsets, ddof=0 as torch-fidelity; not a standard error),
        "num_real", "num_fake", "subset_size", "num_subsets"}.
+    Raises:
+      ValueError: a set holds NaN or inf features (naming the set and how many rows).
     """
     x = np.asarray(real, np.float64).reshape(len(real), -1)
     y = np.asarray(fake, np.float64).reshape(len(fake), -1)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"Feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}.")
+    check_finite_rows(x, "real")
+    check_finite_rows(y, "fake")
     size = min(subset_size, len(x), len(y))
     if size < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(x)} real and {len(y)} fake.")

@@ -3,7 +3,10 @@
 A bundle (a classic-KD teacher, a StyleGAN2 teacher, a judge, an imported official pickle, an exported
 student) is a directory with `model.json` ({"model": registry name, "kwargs": fields, ...}) and
 `variables/` (an Orbax checkpoint of the Flax variables). Any config can name a bundle as its teacher or
-judge; it is loaded once and never re-saved in a student's checkpoints.
+judge; it is loaded once and never re-saved in a student's checkpoints. `check_model_bundle` reads
+`model.json` and the Orbax metadata of `variables/` and checks the shapes against the model's
+(`jax.eval_shape` of its init) before any compute, so a bundle with garbage or foreign variables is named
+in one error.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from kdjax import models
 from kdjax.core import parallel
-from kdjax.core.checkpoints import CheckpointError
+from kdjax.core.checkpoints import CheckpointError, shape_mismatch, tree_shapes
 
 
 def save_model_bundle(directory: str | pathlib.Path, model: str, kwargs: dict[str, Any], variables: Any,
@@ -65,7 +69,51 @@ def check_model_bundle(directory: str | pathlib.Path, field: str, kind: str | No
     if kind is not None and models.kind(name) != kind:
         raise CheckpointError(f"{field}={str(directory)!r} holds a {name!r} ({models.kind(name)}); a {kind} bundle "
                               f"is needed ({models.names_of_kind(kind)}).")
+    check_bundle_variables(path / "variables", field, name, kwargs)
     return meta
+
+
+def _init_arguments(model: nn.Module, channels: int) -> tuple[Any, ...]:
+    """Arguments of `model.init` for one example: z (and labels) for a generator, an image (and labels) for a
+    discriminator, an image with `channels` channels for a classifier (whose fields do not fix them)."""
+    fields = type(model).DATA_FIELDS
+    if model.KIND == "generator":
+        args, num_classes = (jnp.zeros((1, model.spec.z_dim)),), model.spec.num_classes
+    else:
+        res = getattr(model, fields["resolution"]) if "resolution" in fields else 8
+        ch = getattr(model, fields["channels"]) if "channels" in fields else channels
+        args = (jnp.zeros((1, res, res, ch)),)
+        num_classes = getattr(model, fields["num_classes"]) if model.KIND == "discriminator" else 0
+    return args + ((jnp.zeros((1,), jnp.int32),) if num_classes else ())
+
+
+def expected_shapes(name: str, kwargs: dict[str, Any], channels: int = 1) -> dict[str, tuple[int, ...]]:
+    """{"collection/layer/param": shape} of model `name`'s variables, from `jax.eval_shape` of its init
+    (no compute). `channels` is a classifier's input channels."""
+    model = models.build_model(name, **kwargs)
+    rngs = {"params": jax.random.key(0), "noise": jax.random.key(1), "dropout": jax.random.key(2)}
+    args = _init_arguments(model, channels)
+    return tree_shapes(jax.eval_shape(lambda: model.init(rngs, *args, train=False)))
+
+
+def check_bundle_variables(path: pathlib.Path, field: str, name: str, kwargs: dict[str, Any]) -> None:
+    """Checks, before any compute, that the bundle's `variables/` is an Orbax checkpoint whose metadata
+    reads and whose shapes are those of the model `model.json` describes. Raises CheckpointError."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path.absolute()).item_metadata
+        if metadata is None:
+            raise ValueError("no readable Orbax metadata")
+        stored = tree_shapes(metadata.tree)
+    except Exception as e:
+        raise CheckpointError(f"{field}: the variables in {str(path)!r} are not a readable Orbax checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); expected "
+                              "the variables/ directory written with the bundle's model.json.") from e
+    channel_options = (1, 3) if models.kind(name) == "classifier" else (1,)  # data.channels is 1 or 3
+    mismatches = [shape_mismatch(expected_shapes(name, kwargs, c), stored) for c in channel_options]
+    if all(mismatches):
+        raise CheckpointError(f"{field}: the variables in {str(path)!r} do not fit the {name!r} that model.json "
+                              f"describes: {mismatches[0]}.")
 
 
 def load_model_bundle(directory: str | pathlib.Path, field: str = "checkpoint",

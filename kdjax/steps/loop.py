@@ -9,8 +9,13 @@ A task supplies a jitted data-parallel `step_fn(state, batch) -> (state, metrics
 - merges step metrics and writes them every `log_every` steps (TensorBoard + console), stopping on
   NaN/inf with the step range in the message;
 - reports steps/s and ETA (clu ReportProgress);
-- saves every `checkpoint_every` steps, at the end, on preemption, and when the launch's step budget
-  (`budget.stop_after_steps`) is spent.
+- saves every `checkpoint_every` steps and at the end;
+- stops early, after saving a checkpoint of the step reached and waiting until it is written, when the
+  launch's step budget (`budget.stop_after_steps`) is spent, on SIGTERM / SIGINT / SIGUSR1
+  (`kdjax.core.signals`: in a multi-process run every process stops at the same step) and when JAX's
+  preemption sync point says so (multi-host platforms);
+- resumes from the newest checkpoint that restores: a corrupt latest one is moved aside with a warning
+  (`kdjax.core.checkpoints`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from kdjax.core import checkpoints, parallel, summaries
+from kdjax.core import checkpoints, parallel, signals, summaries
 
 
 @dataclasses.dataclass
@@ -60,21 +65,40 @@ def run(name: str, workdir: str | pathlib.Path, state: Any, step_fn: Callable[[A
       batches: `start_step -> iterator of this process's batches` from that step on.
       on_log: called with (step, state) at every log step (e.g. to write image summaries).
     Returns:
-      (state, finished): finished is False when the launch stopped early (budget or preemption).
+      (state, finished): finished is False when the launch stopped early (budget, signal or preemption),
+      after saving a checkpoint of the step reached and waiting until it is written.
     """
     ckpt = checkpoints.TrainCheckpoints(pathlib.Path(workdir) / name / "checkpoints", options.max_to_keep,
                                         options.async_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        logging.info("%s: resuming from the checkpoint of step %d", name, start)
-        state = ckpt.restore(start, state, mesh)
-    if start >= options.num_steps:
-        ckpt.close()
-        return state, True
+    try:
+        with signals.StopSignals() as stop_signals:
+            start, state = ckpt.restore_latest(state, mesh)
+            if start:
+                logging.info("%s: resuming from the checkpoint of step %d", name, start)
+            stopped_at = None
+            if start < options.num_steps:
+                state, stopped_at = _train(name, state, step_fn, batches(start), start, mesh, options, writer,
+                                           budget, ckpt, stop_signals, on_log)
+            ckpt.wait()  # a stop is clean only once its checkpoint is on disk
+    finally:
+        _close(ckpt)
+    writer.flush()
+    if stopped_at is not None:
+        cause = stop_signals.received or ("config.stop_after_steps" if budget.spent() else "a preemption notice")
+        logging.warning("%s: stopped at step %d of %d (%s), with a checkpoint of that step in %s; launch the same "
+                        "command again to resume from it.", name, stopped_at, options.num_steps, cause, ckpt.directory)
+    return state, stopped_at is None
+
+
+def _train(name: str, state: Any, step_fn: Callable, iterator: Iterator[Any], start: int, mesh: Mesh,
+           options: LoopOptions, writer: metric_writers.MetricWriter, budget: StepBudget,
+           ckpt: checkpoints.TrainCheckpoints, stop_signals: signals.StopSignals,
+           on_log: Callable[[int, Any], None] | None) -> tuple[Any, int | None]:
+    """Steps `start + 1 ... num_steps`, logging and checkpointing; returns (state, the step it stopped
+    early at, or None when it reached num_steps)."""
     hook = summaries.progress(options.num_steps, writer, every_steps=options.log_every)
     accumulated, first_logged = None, start + 1
-    iterator = batches(start)
-    step, finished = start, True
+    step = start
     while step < options.num_steps:
         batch = parallel.global_batch(next(iterator), mesh)
         state, metrics = step_fn(state, batch)
@@ -89,18 +113,20 @@ def run(name: str, workdir: str | pathlib.Path, state: Any, step_fn: Callable[[A
             accumulated, first_logged = None, step + 1
             if on_log is not None:
                 on_log(step, state)
-        stop = budget.spent() or ckpt.reached_preemption(step)
+        stop = budget.spent() | stop_signals.stop_at(step, ckpt.reached_preemption)  # both asked every step
         if step % options.checkpoint_every == 0 or step == options.num_steps or stop:
             if accumulated is not None:  # never checkpoint a state whose metrics since the last log are NaN/inf
                 summaries.check_finite({f"{name}/{k}": float(v) for k, v in accumulated.compute().items()},
                                        first_logged, step)
             ckpt.save(step, state)
         if stop and step < options.num_steps:
-            logging.warning("%s: stopping at step %d of %d (step budget or preemption); launch the same "
-                            "command again to resume.", name, step, options.num_steps)
-            finished = False
-            break
-    ckpt.wait()
-    ckpt.close()
-    writer.flush()
-    return state, finished
+            return state, step
+    return state, None
+
+
+def _close(ckpt: checkpoints.TrainCheckpoints) -> None:
+    """Closes the manager; after an error it may fail again, which must not hide the first error."""
+    try:
+        ckpt.close()
+    except Exception as e:  # already reported by the error that brought us here
+        logging.info("closing the checkpoint manager of %s after an error: %s", ckpt.directory, e)
