@@ -138,3 +138,19 @@ def test_every_unreadable_image_is_named_before_any_compute_and_a_fixed_folder_p
     (tmp_path / "a" / "truncated.png").write_bytes(good)  # fixed: the cached verdict does not stick
     (tmp_path / "b" / "empty.jpg").unlink()
     data.check_data_config(cfg)
+
+
+def test_validation_split_is_carved_from_train_fixed_and_disjoint():
+    plain = data.load_dataset(data_config(resolution=8))
+    split = data.load_dataset(data_config(resolution=8, validation_fraction=0.1))
+    assert len(split.validation) == round(0.1 * len(plain.train)) and len(plain.validation) == 0
+    assert len(split.train) + len(split.validation) == len(plain.train) and len(split.test) == len(plain.test)
+    key = lambda e: (e["image"].tobytes(), int(e["label"]))
+    train = {key(split.train[i]) for i in range(len(split.train))}
+    val = [key(split.validation[i]) for i in range(len(split.validation))]
+    test = {key(split.test[i]) for i in range(len(split.test))}
+    assert not train & set(val) and not test & set(val)  # (digits has a few duplicate images; none cross here)
+    again = data.load_dataset(data_config(resolution=8, validation_fraction=0.1))
+    assert [key(again.validation[i]) for i in range(len(again.validation))] == val
+    with pytest.raises(ValueError, match="validation_fraction=1.0 must be in \\[0, 1\\)"):
+        data.check_data_config(data_config(validation_fraction=1.0))

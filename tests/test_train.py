@@ -79,6 +79,15 @@ def test_pretrained_teacher_bundle_is_loaded_frozen(uninterrupted, tmp_path):
     assert report["teacher"] == ref["teacher"] and report["student_kd"] == ref["student_kd"]
 
 
+def test_validation_split_scores_every_model_apart_from_the_test_split(tmp_path):
+    config = load_config(arg="tiny,data.validation_fraction=0.2")
+    report = train.train_and_evaluate(config, tmp_path)
+    assert report["num_validation_examples"] == round(0.2 * 1438) and report["num_test_examples"] == 359
+    for phase in ("teacher", "student_kd", "student_scratch"):
+        assert set(report[phase]["validation"]) == {"accuracy", "macro_f1", "ece"}
+        assert 0.0 <= report[phase]["validation"]["accuracy"] <= 1.0
+
+
 def test_tfds_path_on_mock_data(tmp_path):
     config = load_config()
     config.data.source, config.data.name = "tfds", "mnist"

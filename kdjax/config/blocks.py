@@ -39,6 +39,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         resolution=16,  # images are resized to resolution x resolution
         channels=1,  # 1 (grey) or 3 (RGB)
         test_fraction=0.2,  # held-out fraction for digits and folders (a fixed split)
+        validation_fraction=0.0,  # part of the training images held out to choose settings on (0 = none)
         num_threads=2,  # background threads reading and decoding batches
     ))
     cfg.update(overrides)

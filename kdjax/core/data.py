@@ -35,6 +35,7 @@ from PIL import Image
 from kdjax.core.images import to_model_range
 
 SOURCES = ("digits", "tfds", "folder")
+VALIDATION_SEED = 20_251_130  # the validation split's permutation, apart from the test split's
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -112,7 +113,9 @@ class TfdsSource:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A dataset's train and held-out test splits, as random-access sources of prepared examples."""
+    """A dataset's train, held-out test and (optional) validation splits, as random-access sources of prepared
+    examples. The validation split is carved out of the training images (`validation_fraction`), so settings
+    can be chosen on it and reported on the test split."""
 
     name: str
     train: Sequence[dict]
@@ -120,12 +123,26 @@ class Dataset:
     num_classes: int  # 0 when the data carries no labels
     resolution: int
     channels: int
+    validation: Sequence[dict] = ()
+
+
+class Subset:
+    """Random access to the examples `indices` of a source."""
+
+    def __init__(self, source: Sequence[dict], indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[int(self.indices[i])]
 
 
 # ----------------------------------------------------------------------------------------- loading
-def _fixed_split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A held-out split fixed for all runs (seeded independently of the run seed)."""
-    perm = np.random.default_rng(20_151_109).permutation(n)
+def _fixed_split(n: int, test_fraction: float, seed: int = 20_151_109) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out split fixed for all runs (seeded independently of the run seed): (kept, held out)."""
+    perm = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
@@ -212,6 +229,9 @@ def check_data_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.resolution={cfg.resolution} must be between 4 and 4096 pixels.")
     if not 0.0 < cfg.test_fraction < 1.0:
         raise ValueError(f"config.data.test_fraction={cfg.test_fraction} must be in (0, 1).")
+    if not 0.0 <= cfg.validation_fraction < 1.0:
+        raise ValueError(f"config.data.validation_fraction={cfg.validation_fraction} must be in [0, 1) "
+                         "(0 = no validation split).")
     if cfg.source == "folder":
         root = pathlib.Path(cfg.folder).expanduser() if cfg.folder else None
         if root is None or not root.is_dir():
@@ -252,7 +272,12 @@ def all_images(source: Sequence[dict]) -> np.ndarray:
 def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
     """Loads the dataset `cfg` (= `config.data`) names, after `check_data_config`."""
     check_data_config(cfg)
-    return {"digits": _load_digits, "folder": _load_folder, "tfds": _load_tfds}[cfg.source](cfg)
+    dataset = {"digits": _load_digits, "folder": _load_folder, "tfds": _load_tfds}[cfg.source](cfg)
+    if cfg.validation_fraction > 0:  # a fixed part of the training images, never trained on
+        keep, held = _fixed_split(len(dataset.train), cfg.validation_fraction, seed=VALIDATION_SEED)
+        dataset = dataclasses.replace(dataset, train=Subset(dataset.train, keep),
+                                      validation=Subset(dataset.train, held))
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------- batches

@@ -9,13 +9,15 @@ The task `classifier_kd` runs three phases, each resumable, in `workdir/PHASE/`:
 3. `student_scratch`: the same student, same budget and seed, on the labels alone (alpha = 1).
 Each phase's final variables are exported as a model bundle in `workdir/PHASE/bundle` (see
 `kdjax.models.bundles`). Then each is evaluated on the held-out split (accuracy, macro-F1, ECE, parameters)
-and the table is written to `report.md`, `report.json` and the console.
+and the table is written to `report.md`, `report.json` and the console. With
+`config.data.validation_fraction > 0` each model is also scored on a validation split carved from the
+training images (`report.json`: `PHASE.validation`), to choose settings on without looking at the test split.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -48,12 +50,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.kd.temperature={config.kd.temperature} must be > 0.")
 
 
-def test_logits(model: nn.Module, variables: Any, dataset: data.Dataset, mesh: Mesh,
-                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of the whole held-out split (padding removed)."""
+def split_logits(model: nn.Module, variables: Any, split: Sequence[dict], mesh: Mesh,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of a whole split (padding removed)."""
     predict = make_predict(model, mesh)
     all_logits, all_labels = [], []
-    for batch in data.eval_batches(dataset.test, batch_size):
+    for batch in data.eval_batches(split, batch_size):
         mask = parallel.to_host(parallel.global_batch(batch["mask"], mesh)) > 0
         logits = parallel.to_host(predict(variables, parallel.global_batch(batch["image"], mesh)))
         labels = parallel.to_host(parallel.global_batch(batch["label"], mesh))
@@ -130,14 +132,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Evaluation on the held-out split.
     out: dict[str, Any] = {}
     for phase, (model, variables) in trained.items():
-        logits, labels = test_logits(model, variables, dataset, mesh, config.eval_batch_size)
+        logits, labels = split_logits(model, variables, dataset.test, mesh, config.eval_batch_size)
         out[phase] = {**classification.classification_report(logits, labels),
                       "params": cost.count_params(variables)}
+        if len(dataset.validation):  # for choosing settings (e.g. alpha, T) without looking at the test split
+            logits, labels = split_logits(model, variables, dataset.validation, mesh, config.eval_batch_size)
+            out[phase]["validation"] = classification.classification_report(logits, labels)
     out["num_test_examples"] = int(len(dataset.test))
+    out["num_validation_examples"] = int(len(dataset.validation))
     out["dataset"] = dataset.name
     out["kd"] = {"alpha": config.kd.alpha, "temperature": config.kd.temperature}
     writer.write_scalars(config.student.train.num_steps,
-                         {f"eval/{p}/{k}": v for p in trained for k, v in out[p].items()})
+                         {f"eval/{p}/{k}": v for p in trained for k, v in out[p].items() if not isinstance(v, dict)})
     writer.flush()
     report.write_report(workdir, "report", out, report_table(out))
     return out
