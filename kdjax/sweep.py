@@ -4,9 +4,13 @@
     python -m kdjax.sweep --config=configs/stylegan_to_dcgan.py:tiny --seeds=2 --vary adv=0,0.1 --vary kl=0,0.1 \
         --config.train.num_steps=200 --workdir=runs/sweep_terms
     python -m kdjax.sweep --config=configs/classifier_kd.py --seeds=3 --seed_offset=100 --vary kd.alpha=0.1,0.5
+    python -m kdjax.sweep --config=configs/stylegan_to_dcgan.py --setting default= \
+        --setting d_real=distill.d_real_data=True --setting kl=kl=0.1
 
 Each `--vary FIELD=v1,v2,...` is one axis (FIELD a dotted config path or an alias the config file declares,
-e.g. a distillation term's weight); the settings are the product of the axes. Every run is the config file
+e.g. a distillation term's weight); each `--setting NAME=ITEMS` is one named setting (ITEMS the config items
+it sets, `FIELD=VALUE,...`, possibly none); the settings are the named ones (or one "base") times the
+product of the axes. Every run is the config file
 loaded with the items `FIELD=value,...,seed=S` after the file's own argument (`kdjax.config.args`), plus the
 `--config.FIELD=VALUE` flags given here, and trains in `WORKDIR/SETTING/seed_S` like any launch: a sweep
 launched again resumes its unfinished runs from their checkpoints and skips the runs that have a report.
@@ -51,25 +55,36 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
     return field.strip(), items
 
 
-def settings_of(axes: Sequence[tuple[str, list[str]]]) -> dict[str, str]:
-    """{setting name: config items} for the product of the axes ("base" when there is none)."""
-    if not axes:
-        return {"base": ""}
+def parse_setting(text: str) -> tuple[str, str]:
+    """`NAME=ITEMS` -> (NAME, ITEMS); NAME in letters, digits, '_', '.', '-'."""
+    name, sep, items = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"--setting {text!r}: expected NAME=ITEMS (NAME in letters, digits, '_', '.', '-'; "
+                         "ITEMS the config items it sets, FIELD=VALUE,..., possibly none).")
+    return name, items
+
+
+def settings_of(axes: Sequence[tuple[str, list[str]]], named: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """{setting name: config items}: the named settings (or one "base") times the product of the axes."""
+    base = dict(named) or {"base": ""}
+    if len(base) != len(named or [None]):
+        raise ValueError(f"--setting: a name given twice in {[n for n, _ in named]}.")
     out = {}
-    for values in itertools.product(*(v for _, v in axes)):
+    for (base_name, base_items), values in itertools.product(base.items(), itertools.product(*(v for _, v in axes))):
         items = [f"{field}={value}" for (field, _), value in zip(axes, values)]
-        out[re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "_".join(items))] = ",".join(items)
+        name = "_".join(([base_name] if named or not items else []) + items)
+        out[re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name)] = ",".join(x for x in (base_items, *items) if x)
     return out
 
 
-def plan(config_spec: str, axes: Sequence[tuple[str, list[str]]], overrides: Sequence[str], seeds: Sequence[int],
+def plan(config_spec: str, settings: dict[str, str], overrides: Sequence[str], seeds: Sequence[int],
          workdir: pathlib.Path) -> list[dict[str, Any]]:
     """Every run of the sweep, its config loaded and checked (raises ValueError on any bad one)."""
     from kdjax import train
 
     path, _, base = config_spec.partition(":")
     runs = []
-    for name, items in settings_of(axes).items():
+    for name, items in settings.items():
         for seed in seeds:
             arg = ",".join(x for x in (base, items, *overrides, f"seed={seed}") if x)
             config = train.load_config(f"{path}:{arg}")
@@ -131,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--seeds", type=int, default=3, help="runs per setting (default 3)")
     parser.add_argument("--seed_offset", type=int, default=0, help="first seed (e.g. 100 for validation seeds)")
     parser.add_argument("--vary", action="append", default=[], metavar="FIELD=v1,v2", help="one axis (repeatable)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=ITEMS",
+                        help="one named setting (repeatable)")
     parser.add_argument("--workdir", default=None, help="default runs/sweep_NAME")
     parser.add_argument("--metrics", default=None, help="comma-separated figure paths for the table and plot")
     args, rest = parser.parse_known_args(argv)
@@ -140,11 +157,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             raise ValueError(f"unknown arguments {bad}; config fields are set with --config.FIELD=VALUE.")
         if args.seeds < 1:
             raise ValueError(f"--seeds={args.seeds} must be >= 1.")
-        axes = [parse_axis(v) for v in args.vary]
+        settings = settings_of([parse_axis(v) for v in args.vary], [parse_setting(v) for v in args.setting])
         overrides = [a[len("--config."):] for a in rest]
         stem = pathlib.Path(args.config.split(":")[0]).stem
         workdir = pathlib.Path(args.workdir or f"runs/sweep_{stem}")
-        runs = plan(args.config, axes, overrides, range(args.seed_offset, args.seed_offset + args.seeds), workdir)
+        runs = plan(args.config, settings, overrides, range(args.seed_offset, args.seed_offset + args.seeds), workdir)
     except (ValueError, AttributeError, KeyError, TypeError, OSError) as e:
         print(f"kdjax: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -73,3 +73,15 @@ def test_bad_sweeps_fail_before_any_run(extra, message, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("kdjax: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_named_settings_times_axes():
+    assert sweep.settings_of([]) == {"base": ""}
+    assert sweep.settings_of([("kd.alpha", ["0.1", "0.5"])]) == {"kd.alpha=0.1": "kd.alpha=0.1",
+                                                                 "kd.alpha=0.5": "kd.alpha=0.5"}
+    named = [("default", ""), ("hot", "kd.temperature=8.0")]
+    assert sweep.settings_of([], named) == {"default": "", "hot": "kd.temperature=8.0"}
+    assert sweep.settings_of([("seed", ["1"])], named) == {"default_seed=1": "seed=1",
+                                                            "hot_seed=1": "kd.temperature=8.0,seed=1"}
+    with pytest.raises(ValueError, match="expected NAME=ITEMS"):
+        sweep.parse_setting("no name")
