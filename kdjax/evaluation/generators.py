@@ -140,6 +140,16 @@ def embed(model: ModelAndVariables | None, images: np.ndarray, batch_size: int, 
                                      params=variables, desc=desc)
 
 
+def fidelity_of(name: str, reference: str, generators: Mapping[str, ModelAndVariables],
+                samples: Mapping[str, Any], spectra: Mapping[str, np.ndarray], batch_size: int) -> dict[str, Any]:
+    """`fidelity_to` the reference for generator `name`, or why it is skipped (no identical latents)."""
+    z_dim, ref_z_dim = generators[name][0].spec.z_dim, generators[reference][0].spec.z_dim
+    if z_dim != ref_z_dim:
+        return {"fidelity_skipped": f"z_dim {z_dim} differs from reference {reference!r}'s {ref_z_dim}: no "
+                                    "identical latents."}
+    return fidelity_to(samples[reference], samples[name], spectra[reference], spectra[name], batch_size)
+
+
 def evaluate_generators(generators: Mapping[str, ModelAndVariables], judge: ModelAndVariables,
                         real_images: np.ndarray, *, reference: str | None, num_samples: int, batch_size: int,
                         seed: int, workdir: str, writer: Any = None, timing_batch_sizes: Sequence[int] = (1, 64),
@@ -199,16 +209,10 @@ def evaluate_generators(generators: Mapping[str, ModelAndVariables], judge: Mode
         res.update(generator_cost(model, variables, timing_batch_sizes))
         res["spectrum"] = spectra[name].tolist()
         results[name] = res
-    for name in generators if reference is not None else ():
-        z_dim, ref_z_dim = generators[name][0].spec.z_dim, generators[reference][0].spec.z_dim
-        if name == reference:
-            continue
-        if z_dim != ref_z_dim:
-            results[name]["fidelity_skipped"] = (f"z_dim {z_dim} differs from reference {reference!r}'s "
-                                                 f"{ref_z_dim}: no identical latents.")
-            continue
-        results[name].update(fidelity_to(samples[reference], samples[name], spectra[reference], spectra[name],
-                                         batch_size))
+    if reference is not None:
+        for name in generators:
+            if name != reference:
+                results[name].update(fidelity_of(name, reference, generators, samples, spectra, batch_size))
     out = {**results, "num_samples": num_samples, "num_real": int(len(real_pool)),
            "num_teacher_samples": 0 if teacher_pool is None else int(len(teacher_pool)), "reference": reference,
            "judge_feature_dim": int(real_pool.shape[1]), "device": cost.device_name(),
