@@ -319,9 +319,10 @@ def report_table(out: dict[str, Any], config: ml_collections.ConfigDict) -> str:
     active = distill_step.active_terms(config.distill.weights)
     text = report_io.markdown_table(headers, rows) + (
         f"\n\nFID/KID/precision/recall against {out['num_real']} real {out['dataset']} images (split "
-        f"'{out['real_split']}') in the judge's features, {out['num_samples']} samples per model; 'vs T dist': against "
-        f"{out['num_teacher_samples']} samples of the teacher on latents of their own (the teacher's own row is "
-        f"the floor at this sample count). Not comparable to Inception FID. Students: {config.train.num_steps} "
+        f"'{out['real_split']}') in the judge's features, {out['num_samples']} samples per model; "
+        + (f"'vs T dist': against {out['num_teacher_samples']} samples of the teacher on latents of their own (the "
+           "teacher's own row is the floor at this sample count); " if out["num_teacher_samples"] else "")
+        + f"not comparable to Inception FID. Students: {config.train.num_steps} "
         f"steps at batch {config.train.batch_size}; distillation terms {active}. The teacher row is the "
         f"distillation target the students are compared with (StyleGAN2: constant noise inputs, truncation psi "
         f"{config.distill.truncation_psi}). Device: {out['device']}.")
