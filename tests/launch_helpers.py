@@ -21,7 +21,7 @@ def launch_env(**extra):
     return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", **extra}
 
 
-def launch(*args, cwd, env=None, timeout=300):
+def launch(*args, cwd, env=None, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env or launch_env(),
                           capture_output=True, text=True, timeout=timeout)
 

@@ -96,11 +96,11 @@ def test_two_processes_equal_one_process(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / "multi"), f"127.0.0.1:{port}", "2", str(i)],
                               env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     single = subprocess.run([sys.executable, str(worker), str(tmp_path / "single"), "", "1", "0"], env=_env(4),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert single.returncode == 0, single.stdout[-3000:]
     multi_params = checkpoints.load_model_bundle(tmp_path / "multi" / "student_kd" / "bundle")[1]["params"]
     single_params = checkpoints.load_model_bundle(tmp_path / "single" / "student_kd" / "bundle")[1]["params"]

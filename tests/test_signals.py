@@ -36,7 +36,7 @@ def interrupt(workdir, sig):
         if "teacher/loss=" in line:  # a training step has been logged
             process.send_signal(sig)
             break
-    _, rest = process.communicate(timeout=300)
+    _, rest = process.communicate(timeout=600)
     return subprocess.CompletedProcess(process.args, process.returncode, "", "".join(seen) + rest)
 
 
@@ -81,7 +81,7 @@ def launch_two_processes(workdir, sig=None):
         if "teacher/loss=" in line:
             procs[1].send_signal(sig)
             break
-    errs = [p.communicate(timeout=600)[1] for p in procs]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
     return [(procs[0].returncode, "".join(seen) + errs[0]), (procs[1].returncode, errs[1])]
 
 
