@@ -2,7 +2,7 @@
 report both against the teacher.
 
     python launch.py --config=configs/stylegan_to_dcgan.py
-    python launch.py --config=configs/stylegan_to_dcgan.py --config.distill.d_real_data=True  # D sees real data too
+    python launch.py --config=configs/stylegan_to_dcgan.py:distill.d_real_data=False  # data-free: D sees no real data
     python launch.py --config=configs/stylegan_to_dcgan.py --config.teacher.checkpoint=runs/my_teacher/generator/bundle \
         --config.judge.checkpoint=runs/my_judge/teacher/bundle --config.data.source=folder --config.data.folder=IMAGES
 
@@ -29,12 +29,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(width=24, width_max=128))))
     config.discriminator = ml_collections.ConfigDict(dict(  # for the adv term and the scratch baseline
         model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128))))
-    # Data-free: D tells teacher images (real) from student images (fake); --config.distill.d_real_data=True
-    # shows it real data too. The weights are the best of those measured on the shipped teacher (README,
-    # Results); the judge's terms (kl, perceptual) made FID worse where their effect was isolated, so they are
-    # off unless weighted, e.g.
+    # D tells teacher images and real digits (real) from student images (fake); d_real_data=False makes the job
+    # data-free (D sees teacher images only). Objective: recon_l1 1.0 + adv 0.1 with D on real data, chosen on
+    # validation seeds 100-101 among data-free, D on real data, + kl 0.1 and + feature 0.5 (README, Results);
+    # the judge's kl term doubled FID there. Turn a term on with e.g. `:kl=0.1` or
     # --config.distill.weights.kl.value=0.1 --config.distill.weights.kl.end_value=0.1.
-    config.distill = distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1)
+    config.distill = distill_config(temperature=4.0, alpha=0.1, ema_decay=0.99, r1_gamma=0.1, d_real_data=True)
     w = config.distill.weights
     w.recon_l1.value = w.recon_l1.end_value = 1.0
     w.adv.value = w.adv.end_value = 0.1

@@ -323,7 +323,9 @@ def report_table(out: dict[str, Any], config: ml_collections.ConfigDict) -> str:
         + (f"'vs T dist': against {out['num_teacher_samples']} samples of the teacher on latents of their own (the "
            "teacher's own row is the floor at this sample count); " if out["num_teacher_samples"] else "")
         + f"not comparable to Inception FID. Students: {config.train.num_steps} "
-        f"steps at batch {config.train.batch_size}; distillation terms {active}. The teacher row is the "
+        f"steps at batch {config.train.batch_size}; distillation terms {active}"
+        + (" (D also sees real data)" if config.distill.d_real_data and "adv" in active else "")
+        + ". The teacher row is the "
         f"distillation target the students are compared with (StyleGAN2: constant noise inputs, truncation psi "
         f"{config.distill.truncation_psi}). Device: {out['device']}.")
     if "equal_time" in out:
