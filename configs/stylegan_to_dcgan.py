@@ -8,9 +8,9 @@ report both against the teacher.
 
 The default teacher and judge are the digits bundles shipped in `kdjax/pretrained/digits32/` (how they
 were made: that folder's README). The workdir receives report.md / report.json, the PNGs (samples side by
-side, loss curves, spectra) and TensorBoard events; see `kdjax/tasks/distill.py`. The default command took
-6 min 15 s on the project's 2-core CPU (7 min 10 s with a fresh venv and install; README, Results, with the
-figures it produced). `:tiny` is the test size; `:FIELD=VALUE,...` sets fields (`kdjax.config.args`).
+side, learning and loss curves, spectra) and TensorBoard events; see `kdjax/tasks/distill.py`. The default
+command took 8 min 54 s on the project's 2-core CPU (README, Results, with the figures it produced over 3
+seeds). `:tiny` is the test size; `:FIELD=VALUE,...` sets fields (`kdjax.config.args`).
 """
 
 import ml_collections
