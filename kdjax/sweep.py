@@ -66,9 +66,10 @@ def parse_setting(text: str) -> tuple[str, str]:
 
 def settings_of(axes: Sequence[tuple[str, list[str]]], named: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
     """{setting name: config items}: the named settings (or one "base") times the product of the axes."""
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--setting: a name given twice in {names}.")
     base = dict(named) or {"base": ""}
-    if len(base) != len(named or [None]):
-        raise ValueError(f"--setting: a name given twice in {[n for n, _ in named]}.")
     out = {}
     for (base_name, base_items), values in itertools.product(base.items(), itertools.product(*(v for _, v in axes))):
         items = [f"{field}={value}" for (field, _), value in zip(axes, values)]

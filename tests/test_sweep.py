@@ -85,3 +85,5 @@ def test_named_settings_times_axes():
                                                             "hot_seed=1": "kd.temperature=8.0,seed=1"}
     with pytest.raises(ValueError, match="expected NAME=ITEMS"):
         sweep.parse_setting("no name")
+    with pytest.raises(ValueError, match="given twice"):
+        sweep.settings_of([], [("a", ""), ("a", "seed=1")])
