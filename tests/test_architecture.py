@@ -14,7 +14,8 @@ PACKAGE = ROOT / "kdjax"
 # What each part of kdjax may import (besides itself). Entry points (the command-line modules and the
 # kdjax.train facade) may import anything; nothing may import them, except that the commands may use the
 # facade.
-ENTRY_POINTS = {"kdjax.train", "kdjax.evaluate", "kdjax.cost", "kdjax.stylegan2_import", "kdjax.sweep"}
+ENTRY_POINTS = {"kdjax.train", "kdjax.evaluate", "kdjax.cost", "kdjax.stylegan2_import", "kdjax.sweep",
+                "kdjax.export"}
 ALLOWED = {
     "config": {"pretrained"},
     "pretrained": {"models"},  # tiny.py writes random bundles of registered models
@@ -23,6 +24,7 @@ ALLOWED = {
     "models": {"core"},
     "evaluation": {"core", "models", "losses"},
     "importers": {"core", "models"},
+    "deploy": {"core", "models"},
     "steps": {"core", "config", "models", "losses"},
     "tasks": {"core", "config", "models", "losses", "evaluation", "steps"},
 }

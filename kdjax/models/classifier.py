@@ -100,7 +100,7 @@ class SmallCNN(nn.Module):
             x = nn.relu(x)
             features[f"stage{i + 1}"] = x
             if i < len(self.widths) - 1:
-                x = nn.avg_pool(x, (2, 2), (2, 2))
+                x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))  # keywords: jax2onnx patches it so
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pool"] = pooled
         logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(pooled)

@@ -36,5 +36,5 @@ def write_tiny_bundles(root: str | pathlib.Path, seed: int = 0) -> tuple[pathlib
     save_model_bundle(root / "teacher", "stylegan2_generator", TEACHER_KWARGS, t_vars)
     judge = build_model("cnn", **JUDGE_KWARGS)
     j_vars = judge.init(jax.random.fold_in(key, 1), jnp.zeros((2, res, res, ch)))
-    save_model_bundle(root / "judge", "cnn", JUDGE_KWARGS, j_vars)
+    save_model_bundle(root / "judge", "cnn", JUDGE_KWARGS, j_vars, extra={"input_shape": [res, res, ch]})
     return root / "teacher", root / "judge"

@@ -83,6 +83,12 @@ def train_phase(name: str, config: ml_collections.ConfigDict, workdir: pathlib.P
     return state.variables(), finished
 
 
+def input_shape(dataset: data.Dataset) -> dict[str, list[int]]:
+    """A classifier bundle's record of the images it was trained on (its fields do not fix them; export
+    reads it)."""
+    return {"input_shape": [dataset.resolution, dataset.resolution, dataset.channels]}
+
+
 def teacher_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, dataset: data.Dataset, mesh: Mesh,
                   writer, budget: loop.StepBudget, dtype: Any) -> tuple[nn.Module, Any] | None:
     """The teacher: trained here (exported to `workdir/teacher/bundle`), or the frozen bundle
@@ -96,7 +102,8 @@ def teacher_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     variables, finished = train_phase("teacher", config, workdir, model, dataset, mesh, writer, budget)
     if not finished:
         return None
-    bundles.save_model_bundle(workdir / "teacher" / "bundle", config.teacher.model, kwargs, variables)
+    bundles.save_model_bundle(workdir / "teacher" / "bundle", config.teacher.model, kwargs, variables,
+                              extra=input_shape(dataset))
     return model, variables
 
 
@@ -127,7 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if not finished:
             return None
         trained[phase] = (student_model, variables)
-        bundles.save_model_bundle(workdir / phase / "bundle", config.student.model, student_kwargs, variables)
+        bundles.save_model_bundle(workdir / phase / "bundle", config.student.model, student_kwargs, variables,
+                                  extra=input_shape(dataset))
 
     # Evaluation on the held-out split.
     out: dict[str, Any] = {}
