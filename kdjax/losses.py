@@ -73,6 +73,30 @@ def classic_kd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax
     return alpha * ce + (1.0 - alpha) * kl, {"ce": ce, "kl": kl}
 
 
+# --- Autoregressive models: one categorical distribution per pixel and channel.
+# Logits are (B, H, W, C, L) over L intensity levels; targets are the integer levels (B, H, W, C).
+
+def bits_per_dim(logits: jax.Array, levels: jax.Array) -> jax.Array:
+    """NLL in bits per dimension: mean_b [ -sum_{i,j,c} log2 softmax(z_bijc)[x_bijc] ] / (H * W * C).
+
+    The exact negative log-likelihood of the images under the model's factorisation (its CE over every
+    pixel and channel, in nats, divided by ln 2); batch mean of per-image values.
+    """
+    return softmax_cross_entropy(logits.reshape(-1, logits.shape[-1]), levels.reshape(-1)) / jnp.log(2.0)
+
+
+def pixel_kd(student_logits: jax.Array, teacher_logits: jax.Array, levels: jax.Array,
+             alpha: float, temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Classic KD at every pixel and channel (word-level KD, Kim & Rush 2016), averaged over them:
+    mean_{b,i,j,c} [ alpha * CE(z_s, x) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) ].
+
+    `classic_kd` on the (B * H * W * C, L) flattened logits. Returns (loss, {"ce", "kl"}); "ce" is in nats
+    per dimension (bits/dim x ln 2).
+    """
+    flat = lambda z: z.reshape(-1, z.shape[-1])  # noqa: E731
+    return classic_kd(flat(student_logits), flat(teacher_logits), levels.reshape(-1), alpha, temperature)
+
+
 # --- Generator distillation: reconstruction, feature, perceptual, adversarial, R1.
 # Images are NHWC; feature dicts map a layer name to a (B, H, W, C) map (or a (B, C) vector).
 

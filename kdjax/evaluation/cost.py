@@ -147,8 +147,8 @@ def example_inputs(name: str, model: Any, batch_size: int, input_shape: Sequence
 
     Generators get z (B, z_dim) (their `spec`); everything else gets images (B, *input_shape), with
     input_shape read from the family's resolution and channels fields (`DATA_FIELDS`) unless given.
-    Conditional generators and discriminators also get int labels (B,); a classifier's classes are its
-    output, not an input.
+    Conditional generators, discriminators and autoregressive models also get int labels (B,); a
+    classifier's classes are its output, not an input.
     """
     key = jax.random.key(0)
     kind, fields = models.kind(name), type(model).DATA_FIELDS
@@ -163,7 +163,7 @@ def example_inputs(name: str, model: Any, batch_size: int, input_shape: Sequence
             res, ch = getattr(model, fields["resolution"]), getattr(model, fields["channels"])
             input_shape = (int(res), int(res), int(ch))
         args = (jax.random.uniform(key, (batch_size, *input_shape), jnp.float32, -1.0, 1.0),)
-        num_classes = int(getattr(model, fields["num_classes"])) if kind == "discriminator" else 0
+        num_classes = int(getattr(model, fields["num_classes"])) if kind in ("discriminator", "autoregressive") else 0
     if num_classes > 0:
         args = args + (jnp.arange(batch_size, dtype=jnp.int32) % num_classes,)
     return args, {"train": False}

@@ -12,6 +12,8 @@ Conventions shared by all models (see each module's docstring for the details):
 - classifiers: `__call__(x, *, train=False, return_features=False)` returns logits, or
   `(logits, features)`;
 - discriminators: `__call__(x, labels=None, *, train=False)` returns one logit per image, shape (B,);
+- autoregressive models: `__call__(x, labels=None, *, train=False)` returns per-pixel logits over the
+  intensity levels, (B, H, W, C, levels), causal in raster order (`interface.AutoregressiveSpec`);
 - randomness only through rng streams (`noise`, `dropout`); non-trainable state in collections
   (`batch_stats`, `w_avg`);
 - each class declares `KIND`, `DATA_FIELDS` and `DATA_PARALLEL_FIELDS`, and each generator a `spec`
@@ -26,9 +28,9 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
-from kdjax.models.interface import KINDS, GeneratorSpec
+from kdjax.models.interface import KINDS, AutoregressiveSpec, GeneratorSpec
 
-__all__ = ["REGISTRY", "GeneratorSpec", "build_model", "check_model_kwargs", "data_kwargs", "kind",
+__all__ = ["REGISTRY", "AutoregressiveSpec", "GeneratorSpec", "build_model", "check_model_kwargs", "data_kwargs", "kind",
            "model_class", "model_fields", "names_of_kind", "outside_data_parallel", "data_parallel_kwargs"]
 
 # name -> "module:attribute". Imported on demand so that one family's import cost is paid only when used.
@@ -42,6 +44,8 @@ REGISTRY: dict[str, str] = {
     # DCGAN (Radford et al. 2016).
     "dcgan_generator": "kdjax.models.dcgan:Generator",
     "dcgan_discriminator": "kdjax.models.dcgan:Discriminator",
+    # Gated PixelCNN (van den Oord et al. 2016): autoregressive teacher and student.
+    "pixelcnn": "kdjax.models.pixelcnn:PixelCNN",
 }
 
 

@@ -67,8 +67,9 @@ def check_model_bundle(directory: str | pathlib.Path, field: str, kind: str | No
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     if kind is not None and models.kind(name) != kind:
-        raise CheckpointError(f"{field}={str(directory)!r} holds a {name!r} ({models.kind(name)}); a {kind} bundle "
-                              f"is needed ({models.names_of_kind(kind)}).")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise CheckpointError(f"{field}={str(directory)!r} holds a {name!r} ({models.kind(name)}); {article} {kind} "
+                              f"bundle is needed ({models.names_of_kind(kind)}).")
     check_bundle_variables(path / "variables", field, name, kwargs)
     return meta
 
@@ -83,7 +84,7 @@ def _init_arguments(model: nn.Module, channels: int) -> tuple[Any, ...]:
         res = getattr(model, fields["resolution"]) if "resolution" in fields else 8
         ch = getattr(model, fields["channels"]) if "channels" in fields else channels
         args = (jnp.zeros((1, res, res, ch)),)
-        num_classes = getattr(model, fields["num_classes"]) if model.KIND == "discriminator" else 0
+        num_classes = getattr(model, fields["num_classes"]) if model.KIND in ("discriminator", "autoregressive") else 0
     return args + ((jnp.zeros((1,), jnp.int32),) if num_classes else ())
 
 

@@ -7,14 +7,16 @@
 - `DATA_PARALLEL_FIELDS` (class attribute): the fields naming the mapped axis for cross-device statistics
   (BatchNorm's `bn_axis_name`, StyleGAN2's w_avg `axis_name`); `models.outside_data_parallel` unsets them
   for code that runs outside `shard_map` (initialisation, sampling, evaluation).
-- `KIND` (class attribute): "generator", "discriminator" or "classifier".
+- `AutoregressiveSpec`: an autoregressive model's resolution, channels, intensity levels and classes
+  (`model.spec`).
+- `KIND` (class attribute): "generator", "discriminator", "classifier" or "autoregressive".
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-KINDS = ("generator", "discriminator", "classifier")
+KINDS = ("generator", "discriminator", "classifier", "autoregressive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,3 +29,16 @@ class GeneratorSpec:
     num_classes: int  # 0 = unconditional
     resolution: int
     channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoregressiveSpec:
+    """The autoregressive interface: `__call__(x, labels=None, *, train=False)` takes images x of shape
+    (B, resolution, resolution, channels) in [-1, 1] (levels k mapped to 2k / (levels - 1) - 1) and labels
+    (B,) when `num_classes > 0`, and returns logits (B, resolution, resolution, channels, levels), each
+    depending only on the pixels before it in raster order and the channels before it in its pixel."""
+
+    resolution: int
+    channels: int
+    levels: int
+    num_classes: int  # 0 = unconditional

@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "classifier_kd": "kdjax.tasks.classifier_kd",
     "gan": "kdjax.tasks.gan",
     "distill": "kdjax.tasks.distill",
+    "pixelcnn_kd": "kdjax.tasks.pixelcnn_kd",
 }
 
 

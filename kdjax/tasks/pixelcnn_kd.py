@@ -1,0 +1,231 @@
+"""Knowledge distillation of an autoregressive image model: a large PixelCNN teacher into a small one.
+
+The task `pixelcnn_kd` runs its phases, each resumable, in `workdir/PHASE/`:
+1. `teacher`: a PixelCNN trained on the data by maximum likelihood, or the frozen bundle
+   `config.teacher.checkpoint`;
+2. `student_kd` (word-level KD): the student trained on the data with, at every pixel and channel,
+   `alpha * CE(z_s, x) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))` (`losses.pixel_kd`);
+3. `student_seq` (sequence-level KD, Kim & Rush 2016; when `config.kd.sequence_samples > 0`): the student
+   trained by maximum likelihood on that many samples of the teacher (drawn once, stored in
+   `workdir/teacher_samples.npz`), with no real image: data-free;
+4. `student_scratch`: the same student, same budget and seed, by maximum likelihood on the data.
+Each phase's variables are exported as a model bundle in `workdir/PHASE/bundle`. The report
+(`report.md`, `report.json`) gives each model's held-out negative log-likelihood in bits/dim (exact: the
+model's own probability of every test image, mean and standard error over the images), the same on the
+validation split when one is carved out, parameters, FLOPs per forward pass and per sampled image (R * R * C
+passes), and sampling images/s; `samples.png` shows samples of every model (rows: teacher, KD, ...).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from kdjax import models
+from kdjax.core import data, images, optim, parallel, summaries
+from kdjax.evaluation import cost, report
+from kdjax.models import bundles
+from kdjax.models.pixelcnn import sample
+from kdjax.steps import loop
+from kdjax.steps.autoregressive import make_bits_per_image, make_train_step
+from kdjax.steps.state import TrainState
+from kdjax.tasks import checks
+from kdjax.tasks.phase import model_from_block, run_phase
+
+STUDENT_PHASES = ("student_kd", "student_seq", "student_scratch")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validates a `pixelcnn_kd` config before any compute (raises ValueError naming the field)."""
+    data.check_data_config(config.data)
+    for role in ("teacher", "student"):
+        if "levels" in config[role].kwargs:
+            raise ValueError(f"config.{role}.kwargs.levels: leave it out; config.levels sets it for every model.")
+        checks.check_model_block(config[role], f"config.{role}", "autoregressive", taken_from="the dataset")
+        checks.check_phase(config[role].train, f"config.{role}.train")
+    if config.teacher.checkpoint:
+        meta = bundles.check_model_bundle(config.teacher.checkpoint, "config.teacher.checkpoint",
+                                          kind="autoregressive")
+        if meta["kwargs"].get("levels") != config.levels:
+            raise ValueError(f"config.teacher.checkpoint models {meta['kwargs'].get('levels')} levels; config.levels="
+                             f"{config.levels}. Set config.levels to the teacher's.")
+    if not 2 <= config.levels <= 256:
+        raise ValueError(f"config.levels={config.levels} must be in [2, 256] (intensity levels per channel).")
+    checks.check_fraction(config.kd.alpha, "config.kd.alpha")
+    if not config.kd.temperature > 0:
+        raise ValueError(f"config.kd.temperature={config.kd.temperature} must be > 0.")
+    if config.kd.sequence_samples < 0:
+        raise ValueError(f"config.kd.sequence_samples={config.kd.sequence_samples} must be >= 0 (0: no "
+                         "sequence-level phase).")
+    if config.num_samples < 1:
+        raise ValueError(f"config.num_samples={config.num_samples} must be >= 1.")
+
+
+def conditional(model: nn.Module) -> bool:
+    return model.spec.num_classes > 0
+
+
+def train_phase(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, model: nn.Module,
+                source: Sequence[dict], mesh: Mesh, writer, budget: loop.StepBudget,
+                teacher: tuple[nn.Module, Any] | None = None) -> tuple[Any, bool]:
+    """Trains one PixelCNN phase on `source`; returns (variables, finished)."""
+    train_cfg = config.teacher.train if name == "teacher" else config.student.train
+    tx = optim.make_optimizer(train_cfg.optimizer, train_cfg.num_steps)
+    spec = model.spec
+    init_model = models.outside_data_parallel(model)
+    # Every student phase starts from the same initialisation (same seed), the teacher from another.
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 0 if name == "teacher" else 1)
+    x = jnp.zeros((1, spec.resolution, spec.resolution, spec.channels))
+    labels = (jnp.zeros((1,), jnp.int32),) if conditional(model) else ()
+    variables = jax.jit(lambda k: init_model.init(k, x, *labels))(init_key)
+    state = parallel.replicate(TrainState.create(variables, tx), mesh)
+    teacher_model, teacher_variables = teacher if teacher is not None else (None, {})
+    step = make_train_step(model, tx, mesh, conditional(model), teacher_model, config.kd.alpha,
+                           config.kd.temperature)
+    state, finished = run_phase(name, config, workdir, state, lambda s, b: step(s, b, teacher_variables), source,
+                                train_cfg, mesh, writer, budget)
+    return state.variables(), finished
+
+
+def draw_samples(model: nn.Module, variables: Any, key: jax.Array, count: int, batch: int) -> np.ndarray:
+    """`count` samples (integer levels, (count, R, R, C)) in batches of `batch`, labels cycling over the
+    classes for a conditional model; `fold_in(key, i)` for batch i."""
+    model = models.outside_data_parallel(model)
+    fn = jax.jit(lambda v, k, y: sample(model, v, k, batch, y))
+    out = []
+    for i in range(-(-count // batch)):
+        labels = (jnp.arange(i * batch, (i + 1) * batch) % model.spec.num_classes) if conditional(model) else None
+        out.append(np.asarray(fn(variables, jax.random.fold_in(key, i), labels)))
+    return np.concatenate(out)[:count]
+
+
+def levels_to_uint8(levels: np.ndarray, num_levels: int) -> np.ndarray:
+    """Integer levels -> the 8-bit images kdjax's data sources hold (`pixelcnn.to_levels` inverts it)."""
+    return np.round(levels * (255.0 / (num_levels - 1))).astype(np.uint8)
+
+
+def teacher_samples(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: tuple[nn.Module, Any]
+                    ) -> data.ArraySource:
+    """The sequence-level phase's data: `config.kd.sequence_samples` teacher samples, drawn once and kept in
+    `workdir/teacher_samples.npz` (so a resumed run trains on the same ones)."""
+    path = workdir / "teacher_samples.npz"
+    model, variables = teacher
+    if path.is_file():
+        stored = np.load(path)
+        levels, labels = stored["levels"], stored["labels"]
+    else:
+        levels = draw_samples(model, variables, jax.random.fold_in(jax.random.key(config.seed), 7),
+                              config.kd.sequence_samples, config.eval_batch_size)
+        num_classes = model.spec.num_classes
+        labels = (np.arange(len(levels)) % num_classes if num_classes else np.zeros(len(levels))).astype(np.int32)
+        if jax.process_index() == 0:
+            np.savez(path, levels=levels, labels=labels)
+    return data.ArraySource(levels_to_uint8(levels, config.levels), labels)
+
+
+def held_out_bits(model: nn.Module, variables: Any, split: Sequence[dict], mesh: Mesh, batch_size: int) -> np.ndarray:
+    """Bits/dim of every image of a split (padding removed)."""
+    fn = make_bits_per_image(models.outside_data_parallel(model), mesh, conditional(model))
+    out = []
+    for batch in data.eval_batches(split, batch_size):
+        mask = parallel.to_host(parallel.global_batch(batch["mask"], mesh)) > 0
+        bits = fn(variables, parallel.global_batch(batch["image"], mesh), parallel.global_batch(batch["label"], mesh))
+        out.append(parallel.to_host(bits)[mask])
+    return np.concatenate(out)
+
+
+def model_cost(model: nn.Module, variables: Any, batch: int) -> dict[str, float]:
+    """Parameters, FLOPs per forward pass and per sampled image, and sampling images/s (batch `batch`)."""
+    model = models.outside_data_parallel(model)
+    spec = model.spec
+    x = jnp.zeros((batch, spec.resolution, spec.resolution, spec.channels))
+    labels = (jnp.zeros((batch,), jnp.int32),) if conditional(model) else ()
+    forward = cost.flops_per_image(lambda v, x, *y: model.apply(v, x, *y), variables, x, *labels, batch_size=batch)
+    fn = jax.jit(lambda v, k: sample(model, v, k, batch, labels[0] if labels else None))
+    jax.block_until_ready(fn(variables, jax.random.key(0)))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(variables, jax.random.key(1)))
+    seconds = time.perf_counter() - start
+    passes = spec.resolution * spec.resolution * spec.channels
+    return {"params": cost.count_params(variables), "flops_per_forward": forward,
+            "flops_per_sample": forward * passes, "sample_images_per_s": batch / seconds}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any] | None:
+    """Runs the phases and the evaluation; returns the report (None if stopped early)."""
+    workdir = pathlib.Path(workdir)
+    dtype = jnp.dtype(config.compute_dtype)
+    mesh = parallel.make_mesh()
+    dataset = data.load_dataset(config.data)
+    writer = summaries.create_writer(workdir)
+    budget = loop.StepBudget(config.stop_after_steps)
+    shape = (dataset.resolution, dataset.channels, dataset.num_classes if config.conditional else 0)
+
+    if config.teacher.checkpoint:
+        teacher_model, teacher_vars, _ = bundles.load_model(config.teacher.checkpoint, "config.teacher.checkpoint",
+                                                            mesh, dtype=dtype)
+    else:
+        teacher_model, kwargs = model_from_block(config.teacher, shape, dtype, levels=config.levels)
+        teacher_vars, finished = train_phase("teacher", config, workdir, teacher_model, dataset.train, mesh, writer,
+                                             budget)
+        if not finished:
+            return None
+        bundles.save_model_bundle(workdir / "teacher" / "bundle", config.teacher.model, kwargs, teacher_vars)
+    trained = {"teacher": (teacher_model, teacher_vars)}
+
+    student, student_kwargs = model_from_block(config.student, shape, dtype, levels=config.levels)
+    phases = [("student_kd", dataset.train, (teacher_model, teacher_vars))]
+    if config.kd.sequence_samples:
+        phases.append(("student_seq", teacher_samples(config, workdir, trained["teacher"]), None))
+    phases.append(("student_scratch", dataset.train, None))
+    for phase, source, teacher in phases:
+        variables, finished = train_phase(phase, config, workdir, student, source, mesh, writer, budget, teacher)
+        if not finished:
+            return None
+        trained[phase] = (student, variables)
+        bundles.save_model_bundle(workdir / phase / "bundle", config.student.model, student_kwargs, variables)
+
+    out: dict[str, Any] = {"dataset": dataset.name, "levels": config.levels,
+                           "num_test_examples": int(len(dataset.test)),
+                           "num_validation_examples": int(len(dataset.validation)),
+                           "kd": {"alpha": config.kd.alpha, "temperature": config.kd.temperature,
+                                  "sequence_samples": config.kd.sequence_samples}}
+    key = jax.random.fold_in(jax.random.key(config.seed), 9)
+    grids = []
+    for phase, (model, variables) in trained.items():
+        bits = held_out_bits(model, variables, dataset.test, mesh, config.eval_batch_size)
+        out[phase] = {"test_bits_per_dim": float(bits.mean()),
+                      "test_bits_per_dim_sem": float(bits.std(ddof=1) / np.sqrt(len(bits))),
+                      **model_cost(model, variables, min(64, config.num_samples))}
+        if len(dataset.validation):
+            out[phase]["validation_bits_per_dim"] = float(
+                held_out_bits(model, variables, dataset.validation, mesh, config.eval_batch_size).mean())
+        levels = draw_samples(model, variables, key, config.num_samples, min(64, config.num_samples))
+        grids.append(levels_to_uint8(levels[:16], config.levels))
+    if jax.process_index() == 0:
+        images.save_png(workdir / "samples.png", images.image_grid(np.concatenate(grids), columns=16))
+    writer.write_scalars(config.student.train.num_steps,
+                         {f"eval/{p}/{k}": v for p in trained for k, v in out[p].items()})
+    writer.flush()
+    report.write_report(workdir, "report", out, report_table(out, list(trained)))
+    return out
+
+
+def report_table(out: dict[str, Any], phases: Sequence[str]) -> str:
+    """The markdown table of the report."""
+    rows = [[p, f"{out[p]['test_bits_per_dim']:.4f} +- {out[p]['test_bits_per_dim_sem']:.4f}",
+             f"{out[p]['params']:,}", f"{out[p]['flops_per_forward'] / 1e6:.2f}",
+             f"{out[p]['flops_per_sample'] / 1e6:.1f}", f"{out[p]['sample_images_per_s']:.1f}"] for p in phases]
+    kd = out["kd"]
+    return (report.markdown_table(["model", "test bits/dim (+- s.e.)", "parameters", "MFLOPs/forward",
+                                   "MFLOPs/sample", "samples/s"], rows)
+            + f"\n\n{out['num_test_examples']} held-out {out['dataset']} images at {out['levels']} levels; "
+            f"alpha = {kd['alpha']}, T = {kd['temperature']}; samples.png rows: {', '.join(phases)}.")
