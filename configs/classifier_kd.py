@@ -34,6 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.kd = ml_collections.ConfigDict(dict(
         alpha=0.1,  # weight of the hard-label cross-entropy; 1 - alpha goes to the soft (KL) term
         temperature=4.0,  # softmax temperature T of the soft term (which is scaled by T^2)
+        embedding=0.0,  # weight of relational embedding distillation (RKD-D on the pooled features; retrieval)
     ))
     return apply_arg(config, arg, VARIANTS, where="configs/classifier_kd.py")
 

@@ -73,6 +73,34 @@ def classic_kd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax
     return alpha * ce + (1.0 - alpha) * kl, {"ce": ce, "kl": kl}
 
 
+def pairwise_distances(x: jax.Array) -> jax.Array:
+    """(N, N) Euclidean distances between the rows of x (N, D), in float32, with a zero diagonal whose
+    gradient is zero too (the square root is taken off the diagonal only)."""
+    x = x.astype(jnp.float32)
+    d2 = jnp.sum(jnp.square(x[:, None, :] - x[None, :, :]), axis=-1)
+    off = ~jnp.eye(x.shape[0], dtype=bool)
+    return jnp.where(off, jnp.sqrt(jnp.where(off, d2, 1.0)), 0.0)
+
+
+def relational_distance(student_emb: jax.Array, teacher_emb: jax.Array) -> jax.Array:
+    """RKD-D (Park et al. 2019): the student's embeddings keep the teacher's distance structure.
+
+    psi(e)_ij = ||e_i - e_j|| / mu, mu the mean distance over the pairs i != j of the batch;
+    loss = mean over pairs i != j of Huber_1(psi(s)_ij - psi(t)_ij) (`optax.losses.huber_loss`, delta 1:
+    smooth L1). Scale-free, so embeddings of different sizes compare without an adapter. The teacher's
+    side is treated as a constant.
+    """
+    n = student_emb.shape[0]
+    off = ~jnp.eye(n, dtype=bool)
+
+    def psi(e):
+        d = pairwise_distances(e)
+        return d / (jnp.sum(d) / (n * (n - 1)))
+
+    target = jax.lax.stop_gradient(psi(teacher_emb))
+    return jnp.sum(jnp.where(off, optax.losses.huber_loss(psi(student_emb), target, delta=1.0), 0.0)) / (n * (n - 1))
+
+
 # --- Autoregressive models: one categorical distribution per pixel and channel.
 # Logits are (B, H, W, C, L) over L intensity levels; targets are the integer levels (B, H, W, C).
 

@@ -39,7 +39,10 @@ DEFAULT_METRICS = {
                 "student_scratch/kid", "student_kd/kid_vs_teacher_dist", "ratios/kd_over_scratch_fid",
                 "ratios/kd_over_scratch_kid", "ratios/kd_over_teacher_fid", "ratios/kd_over_teacher_kid"],
     "classifier_kd": ["teacher/accuracy", "student_kd/accuracy", "student_scratch/accuracy", "student_kd/ece",
-                      "student_scratch/ece"],
+                      "student_scratch/ece", "teacher/retrieval/recall@1", "student_kd/retrieval/recall@1",
+                      "student_scratch/retrieval/recall@1"],
+    "pixelcnn_kd": ["teacher/test_bits_per_dim", "student_kd/test_bits_per_dim", "student_seq/test_bits_per_dim",
+                    "student_scratch/test_bits_per_dim"],
     "gan": ["steps"],
 }
 

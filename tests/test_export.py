@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 from export_helpers import check_parity, write_bundles
@@ -61,6 +62,25 @@ def test_stablehlo_fixed_batch_and_truncation(bundles, tmp_path):
     np.testing.assert_allclose(runner(z), want, atol=1e-6)
     with pytest.raises(ValueError, match="Shape mismatch"):  # a fixed batch refuses another
         runner(np.zeros((3, 16), np.float32))
+
+
+def test_autoregressive_model(tmp_path):
+    """A class-conditional PixelCNN: images and labels in, per-pixel level logits out, equal to Flax."""
+    from kdjax.models import build_model
+    from kdjax.models.bundles import save_model_bundle
+
+    kwargs = dict(resolution=4, channels=1, levels=5, num_classes=3, features=4, layers=2, kernel_size=3)
+    model = build_model("pixelcnn", **kwargs)
+    variables = model.init(jax.random.key(0), np.zeros((1, 4, 4, 1), np.float32), np.zeros((1,), np.int32))
+    save_model_bundle(tmp_path / "b", "pixelcnn", kwargs, variables)
+    out = tmp_path / "p.jaxexport"
+    deploy.export_bundle(str(tmp_path / "b"), "stablehlo", str(out))
+    runner = deploy.load(out)
+    assert [t["name"] for t in runner.metadata["inputs"]] == ["images", "labels"]
+    assert runner.metadata["outputs"][0]["shape"] == [None, 4, 4, 1, 5]
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 4, 4, 1)).astype(np.float32)
+    y = np.array([0, 2, 1], np.int32)
+    np.testing.assert_allclose(runner(x, y), np.asarray(model.apply(variables, x, y)), atol=1e-6)
 
 
 def test_signature_inputs(bundles):

@@ -35,10 +35,11 @@ def _setup(kd: bool):
 
 
 def _run_steps(devices, kd, num_steps=3):
-    batch, student, variables, teacher, teacher_vars = _setup(kd)
+    batch, student, variables, teacher, teacher_vars = _setup(bool(kd))
     mesh = parallel.make_mesh(devices)
     tx = optax.sgd(0.5)
-    step = classifier_kd.make_train_step(student, tx, mesh, teacher, alpha=0.3, temperature=2.0)
+    step = classifier_kd.make_train_step(student, tx, mesh, teacher, alpha=0.3, temperature=2.0,
+                                         embedding_weight=1.0 if kd == "embedding" else 0.0)
     state = parallel.replicate(TrainState.create(variables, tx), mesh)
     teacher_vars = parallel.replicate(teacher_vars, mesh)
     for _ in range(num_steps):
@@ -46,10 +47,13 @@ def _run_steps(devices, kd, num_steps=3):
     return parallel.to_host(state), {k: float(v) for k, v in metrics.compute().items()}
 
 
-@pytest.mark.parametrize("kd", [False, True])
+@pytest.mark.parametrize("kd", [False, True, "embedding"])
 def test_eight_devices_equal_one_device_with_sgd(kd):
+    # "embedding": relational distillation over the batch's pairs, gathered from every device.
     state8, metrics8 = _run_steps(jax.devices(), kd)
     state1, metrics1 = _run_steps(jax.devices()[:1], kd)
+    if kd == "embedding":
+        assert metrics8["embedding"] == pytest.approx(metrics1["embedding"], rel=1e-5) and metrics8["embedding"] > 0
     for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
     for a, b in zip(jax.tree.leaves(state8.model_state), jax.tree.leaves(state1.model_state)):

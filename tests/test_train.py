@@ -39,7 +39,8 @@ def test_smoke_run_writes_report_and_artifacts(uninterrupted):
     workdir, report = uninterrupted
     saved = json.loads((workdir / "report.json").read_text())
     for model in ("teacher", "student_kd", "student_scratch"):
-        assert set(saved[model]) == {"accuracy", "macro_f1", "ece", "params"}
+        assert set(saved[model]) == {"accuracy", "macro_f1", "ece", "params", "retrieval"}
+        assert set(saved[model]["retrieval"]) == {"recall@1", "recall@5", "map"}
         assert 0.0 <= saved[model]["accuracy"] <= 1.0
     assert saved["teacher"]["params"] > saved["student_kd"]["params"] == saved["student_scratch"]["params"]
     assert "| student_kd |" in (workdir / "report.md").read_text()
@@ -84,7 +85,7 @@ def test_validation_split_scores_every_model_apart_from_the_test_split(tmp_path)
     report = train.train_and_evaluate(config, tmp_path)
     assert report["num_validation_examples"] == round(0.2 * 1438) and report["num_test_examples"] == 359
     for phase in ("teacher", "student_kd", "student_scratch"):
-        assert set(report[phase]["validation"]) == {"accuracy", "macro_f1", "ece"}
+        assert set(report[phase]["validation"]) == {"accuracy", "macro_f1", "ece", "retrieval"}
         assert 0.0 <= report[phase]["validation"]["accuracy"] <= 1.0
 
 

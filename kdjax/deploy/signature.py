@@ -10,6 +10,9 @@ carries. By kind:
 - classifier: `images` (B, H, W, C) float32 NHWC in [-1, 1] -> `logits` (B, num_classes). The input shape
   is the bundle's `input_shape` (kdjax's jobs write it) or the caller's.
 - discriminator: `images` (B, R, R, C) [, `labels`] -> `logits` (B,).
+- autoregressive (PixelCNN): `images` (B, R, R, C) [, `labels`] -> `logits` (B, R, R, C, levels), one
+  categorical distribution per pixel and channel given the pixels before it (sampling runs the exported
+  function R * R * C times, feeding back each drawn level as 2 k / (levels - 1) - 1).
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ def from_bundle(path: str, input_shape: Sequence[int] | None = None,
         else:
             res, ch = getattr(module, fields["resolution"]), getattr(module, fields["channels"])
             shape = (res, res, ch)
-            output = Tensor("logits", (), "float32", "real-vs-fake logit")
+            output = (Tensor("logits", (), "float32", "real-vs-fake logit") if kind == "discriminator" else
+                      Tensor("logits", (res, res, ch, module.spec.levels), "float32",
+                             "per-pixel, per-channel logits over the intensity levels"))
         inputs = [Tensor("images", tuple(int(s) for s in shape), "float32", IMAGES)]
     if num_classes:
         inputs.append(Tensor("labels", (), "int32", f"class label in [0, {num_classes})"))

@@ -5,10 +5,12 @@ The task `classifier_kd` runs three phases, each resumable, in `workdir/PHASE/`:
    (a model bundle) and frozen;
 2. `student_kd`: the student trained on
    `alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`
-   (`kdjax.losses.classic_kd`), the teacher frozen and outside the optimizer and the checkpoints;
+   (`kdjax.losses.classic_kd`) [+ `kd.embedding * relational_distance(e_s, e_t)` on the pooled embeddings],
+   the teacher frozen and outside the optimizer and the checkpoints;
 3. `student_scratch`: the same student, same budget and seed, on the labels alone (alpha = 1).
 Each phase's final variables are exported as a model bundle in `workdir/PHASE/bundle` (see
-`kdjax.models.bundles`). Then each is evaluated on the held-out split (accuracy, macro-F1, ECE, parameters)
+`kdjax.models.bundles`). Then each is evaluated on the held-out split (accuracy, macro-F1, ECE, parameters,
+and retrieval: recall@1, recall@5 and mAP of the test images as queries against the training images)
 and the table is written to `report.md`, `report.json` and the console. With
 `config.data.validation_fraction > 0` each model is also scored on a validation split carved from the
 training images (`report.json`: `PHASE.validation`), to choose settings on without looking at the test split.
@@ -28,7 +30,7 @@ from jax.sharding import Mesh
 
 from kdjax import models
 from kdjax.core import data, optim, parallel, summaries
-from kdjax.evaluation import classification, cost, report
+from kdjax.evaluation import classification, cost, report, retrieval
 from kdjax.models import bundles
 from kdjax.steps import loop
 from kdjax.steps.classifier import make_predict, make_train_step
@@ -48,19 +50,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     checks.check_fraction(config.kd.alpha, "config.kd.alpha")
     if not config.kd.temperature > 0:
         raise ValueError(f"config.kd.temperature={config.kd.temperature} must be > 0.")
+    if config.kd.embedding < 0:
+        raise ValueError(f"config.kd.embedding={config.kd.embedding} must be >= 0 (0: no embedding term).")
 
 
-def split_logits(model: nn.Module, variables: Any, split: Sequence[dict], mesh: Mesh,
-                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of a whole split (padding removed)."""
+def split_outputs(model: nn.Module, variables: Any, split: Sequence[dict], mesh: Mesh,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, pooled embeddings and labels of a whole split (padding removed)."""
     predict = make_predict(model, mesh)
-    all_logits, all_labels = [], []
+    outputs: tuple[list, list, list] = ([], [], [])
     for batch in data.eval_batches(split, batch_size):
         mask = parallel.to_host(parallel.global_batch(batch["mask"], mesh)) > 0
-        logits = parallel.to_host(predict(variables, parallel.global_batch(batch["image"], mesh)))
+        logits, embeddings = predict(variables, parallel.global_batch(batch["image"], mesh))
         labels = parallel.to_host(parallel.global_batch(batch["label"], mesh))
-        all_logits.append(logits[mask]), all_labels.append(labels[mask])
-    return np.concatenate(all_logits), np.concatenate(all_labels)
+        for store, value in zip(outputs, (parallel.to_host(logits), parallel.to_host(embeddings), labels)):
+            store.append(value[mask])
+    return tuple(np.concatenate(o) for o in outputs)
 
 
 def train_phase(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, model: nn.Module,
@@ -77,7 +82,7 @@ def train_phase(name: str, config: ml_collections.ConfigDict, workdir: pathlib.P
     variables = jax.jit(lambda k: init_model.init(k, sample, train=False))(init_key)
     state = parallel.replicate(TrainState.create(variables, tx), mesh)
     teacher_model, teacher_variables = teacher if teacher is not None else (None, {})
-    step = make_train_step(model, tx, mesh, teacher_model, alpha, config.kd.temperature)
+    step = make_train_step(model, tx, mesh, teacher_model, alpha, config.kd.temperature, config.kd.embedding)
     state, finished = run_phase(name, config, workdir, state, lambda s, b: step(s, b, teacher_variables),
                                 dataset.train, train_cfg, mesh, writer, budget)
     return state.variables(), finished
@@ -140,16 +145,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Evaluation on the held-out split.
     out: dict[str, Any] = {}
     for phase, (model, variables) in trained.items():
-        logits, labels = split_logits(model, variables, dataset.test, mesh, config.eval_batch_size)
+        logits, embeddings, labels = split_outputs(model, variables, dataset.test, mesh, config.eval_batch_size)
+        _, gallery, gallery_labels = split_outputs(model, variables, dataset.train, mesh, config.eval_batch_size)
         out[phase] = {**classification.classification_report(logits, labels),
-                      "params": cost.count_params(variables)}
+                      "params": cost.count_params(variables),
+                      # Test images as queries against the training images, by the pooled embedding.
+                      "retrieval": retrieval.retrieval_report(embeddings, labels, gallery, gallery_labels)}
         if len(dataset.validation):  # for choosing settings (e.g. alpha, T) without looking at the test split
-            logits, labels = split_logits(model, variables, dataset.validation, mesh, config.eval_batch_size)
-            out[phase]["validation"] = classification.classification_report(logits, labels)
+            logits, embeddings, labels = split_outputs(model, variables, dataset.validation, mesh,
+                                                       config.eval_batch_size)
+            out[phase]["validation"] = {
+                **classification.classification_report(logits, labels),
+                "retrieval": retrieval.retrieval_report(embeddings, labels, gallery, gallery_labels)}
     out["num_test_examples"] = int(len(dataset.test))
     out["num_validation_examples"] = int(len(dataset.validation))
     out["dataset"] = dataset.name
-    out["kd"] = {"alpha": config.kd.alpha, "temperature": config.kd.temperature}
+    out["kd"] = {"alpha": config.kd.alpha, "temperature": config.kd.temperature, "embedding": config.kd.embedding}
     writer.write_scalars(config.student.train.num_steps,
                          {f"eval/{p}/{k}": v for p in trained for k, v in out[p].items() if not isinstance(v, dict)})
     writer.flush()
@@ -159,9 +170,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def report_table(out: dict[str, Any]) -> str:
     """The markdown table of the classic-KD report."""
-    rows = [[phase, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}", f"{r['params']:,}"]
+    rows = [[phase, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}",
+             f"{r['retrieval']['recall@1']:.4f}", f"{r['retrieval']['map']:.4f}", f"{r['params']:,}"]
             for phase, r in ((p, out[p]) for p in ("teacher", "student_kd", "student_scratch"))]
     kd = out["kd"]
-    return (report.markdown_table(["model", "test accuracy", "macro-F1", "ECE", "parameters"], rows)
-            + f"\n\n{out['num_test_examples']} held-out {out['dataset']} images; "
-            f"alpha = {kd['alpha']}, T = {kd['temperature']}.")
+    return (report.markdown_table(["model", "test accuracy", "macro-F1", "ECE", "retrieval recall@1", "retrieval mAP",
+                                   "parameters"], rows)
+            + f"\n\n{out['num_test_examples']} held-out {out['dataset']} images (retrieval: each a query against the "
+            "training images, by cosine similarity of the pooled embeddings); "
+            f"alpha = {kd['alpha']}, T = {kd['temperature']}, embedding weight = {kd['embedding']}.")
