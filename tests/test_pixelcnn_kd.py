@@ -118,3 +118,14 @@ def test_teacher_bundle_of_another_kind_or_levels(uninterrupted):
     config.levels = 7
     with pytest.raises(ValueError, match="models 5 levels; config.levels=7"):
         train.check_config(config)
+
+
+def test_default_config_uses_the_shipped_teacher_and_checks_its_shape():
+    config = load_config("")
+    train.check_config(config)  # the shipped digits teacher: 8x8x1, 17 levels, unconditional
+    meta = bundles.check_model_bundle(config.teacher.checkpoint, "t", kind="autoregressive")
+    assert meta["kwargs"]["levels"] == config.levels == 17
+    with pytest.raises(ValueError, match="models 8x8x1 images; the data is 16x16x1"):
+        train.check_config(load_config("data.resolution=16"))
+    with pytest.raises(ValueError, match="is unconditional; config.conditional=True"):
+        train.check_config(load_config("conditional=True"))

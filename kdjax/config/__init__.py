@@ -5,7 +5,8 @@ the shipped model bundles. It imports ml_collections only, so a config file cost
 from kdjax.config.args import apply_arg
 from kdjax.config.blocks import (DISTILL_TERMS, data_config, distill_config, gan_config, optimizer_config,
                                  phase_train_config, run_config)
-from kdjax.pretrained import DIGITS32_JUDGE, DIGITS32_TEACHER
+from kdjax.pretrained import DIGITS8_PIXELCNN, DIGITS32_JUDGE, DIGITS32_TEACHER
 
-__all__ = ["DIGITS32_JUDGE", "DIGITS32_TEACHER", "DISTILL_TERMS", "apply_arg", "data_config", "distill_config",
+__all__ = ["DIGITS8_PIXELCNN", "DIGITS32_JUDGE", "DIGITS32_TEACHER", "DISTILL_TERMS", "apply_arg", "data_config",
+           "distill_config",
            "gan_config", "optimizer_config", "phase_train_config", "run_config"]

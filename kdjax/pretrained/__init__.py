@@ -5,3 +5,4 @@ import pathlib
 ROOT = pathlib.Path(__file__).parent
 DIGITS32_TEACHER = ROOT / "digits32" / "teacher"  # StyleGAN2 generator (EMA), 32x32x1, trained on `digits`
 DIGITS32_JUDGE = ROOT / "digits32" / "judge"  # ResNet classifier of the digits at 32x32x1 (FID features, KL, perceptual)
+DIGITS8_PIXELCNN = ROOT / "digits8" / "pixelcnn_teacher"  # gated PixelCNN of the digits at 8x8, 17 levels

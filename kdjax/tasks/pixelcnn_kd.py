@@ -54,9 +54,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.teacher.checkpoint:
         meta = bundles.check_model_bundle(config.teacher.checkpoint, "config.teacher.checkpoint",
                                           kind="autoregressive")
-        if meta["kwargs"].get("levels") != config.levels:
-            raise ValueError(f"config.teacher.checkpoint models {meta['kwargs'].get('levels')} levels; config.levels="
+        kw = meta["kwargs"]
+        if kw.get("levels") != config.levels:
+            raise ValueError(f"config.teacher.checkpoint models {kw.get('levels')} levels; config.levels="
                              f"{config.levels}. Set config.levels to the teacher's.")
+        if (kw.get("resolution"), kw.get("channels")) != (config.data.resolution, config.data.channels):
+            raise ValueError(f"config.teacher.checkpoint models {kw.get('resolution')}x{kw.get('resolution')}x"
+                             f"{kw.get('channels')} images; the data is {config.data.resolution}x"
+                             f"{config.data.resolution}x{config.data.channels} (config.data.resolution, .channels).")
+        if bool(kw.get("num_classes")) != bool(config.conditional):
+            raise ValueError(f"config.teacher.checkpoint is {'' if kw.get('num_classes') else 'un'}conditional; "
+                             f"config.conditional={config.conditional}.")
     if not 2 <= config.levels <= 256:
         raise ValueError(f"config.levels={config.levels} must be in [2, 256] (intensity levels per channel).")
     checks.check_fraction(config.kd.alpha, "config.kd.alpha")
@@ -211,7 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         levels = draw_samples(model, variables, key, config.num_samples, min(64, config.num_samples))
         grids.append(levels_to_uint8(levels[:16], config.levels))
     if jax.process_index() == 0:
-        images.save_png(workdir / "samples.png", images.image_grid(np.concatenate(grids), columns=16))
+        grid = images.image_grid(np.concatenate(grids), columns=16)
+        scale = max(1, 256 // (16 * config.data.resolution))  # nearest-neighbour, so 8x8 digits are visible
+        images.save_png(workdir / "samples.png", np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1))
     writer.write_scalars(config.student.train.num_steps,
                          {f"eval/{p}/{k}": v for p in trained for k, v in out[p].items()})
     writer.flush()
