@@ -36,7 +36,6 @@ class Format:
     write: Callable[..., None]  # (signature, batch, path, metadata)
     runner: Callable[..., Any]  # path -> object with .metadata and __call__(*arrays) -> np.ndarray
     converter: Callable[[], str]
-    dynamic_batch: bool = True
 
 
 FORMATS: dict[str, Format] = {
@@ -118,8 +117,6 @@ def export_bundle(bundle: str, fmt: str, out: str, batch: str | int = "dynamic",
     {"out", "format", "bytes", "seconds", "max_abs_error": {rows: error}, "metadata"}. Raises ExportError."""
     spec = check_format(fmt)
     rows = check_batch(batch)
-    if rows is None and not spec.dynamic_batch:
-        raise ExportError(f"--format={fmt} has no dynamic batch; pass --batch=N.")
     target_path = atomic.check_output(out, overwrite)
     if spec.extension and target_path.suffix != spec.extension:
         raise ExportError(f"--out={out!r}: a {fmt} export is a {spec.extension} file; name it so.")
