@@ -73,13 +73,13 @@ def classic_kd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax
     return alpha * ce + (1.0 - alpha) * kl, {"ce": ce, "kl": kl}
 
 
-def pairwise_distances(x: jax.Array) -> jax.Array:
-    """(N, N) Euclidean distances between the rows of x (N, D), in float32, with a zero diagonal whose
-    gradient is zero too (the square root is taken off the diagonal only)."""
+def pairwise_distances(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """(N, N) Euclidean distances between the rows of x (N, D), in float32, with a zero diagonal. Squared
+    distances are clamped at `eps` before the square root (as RKD's reference code does), so identical rows
+    give distance sqrt(eps) and a zero gradient instead of the square root's infinite one."""
     x = x.astype(jnp.float32)
     d2 = jnp.sum(jnp.square(x[:, None, :] - x[None, :, :]), axis=-1)
-    off = ~jnp.eye(x.shape[0], dtype=bool)
-    return jnp.where(off, jnp.sqrt(jnp.where(off, d2, 1.0)), 0.0)
+    return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, jnp.sqrt(jnp.maximum(d2, eps)))
 
 
 def relational_distance(student_emb: jax.Array, teacher_emb: jax.Array) -> jax.Array:
@@ -95,7 +95,7 @@ def relational_distance(student_emb: jax.Array, teacher_emb: jax.Array) -> jax.A
 
     def psi(e):
         d = pairwise_distances(e)
-        return d / (jnp.sum(d) / (n * (n - 1)))
+        return d / jnp.maximum(jnp.sum(d) / (n * (n - 1)), 1e-12)
 
     target = jax.lax.stop_gradient(psi(teacher_emb))
     return jnp.sum(jnp.where(off, optax.losses.huber_loss(psi(student_emb), target, delta=1.0), 0.0)) / (n * (n - 1))

@@ -60,3 +60,16 @@ def test_relational_distance_against_numpy():
 
     g = jax.grad(lambda e: losses.relational_distance(e, jnp.asarray(t, jnp.float32)))(jnp.asarray(s, jnp.float32))
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_relational_distance_is_finite_for_collapsed_embeddings():
+    """Dead ReLUs can make student embeddings identical (even all zero): loss and gradient stay finite."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdjax import losses
+
+    t = jnp.asarray(np.random.default_rng(3).normal(size=(5, 4)), jnp.float32)
+    for s in (jnp.zeros((5, 3)), jnp.ones((5, 3)).at[0].set(2.0)):
+        value, grad = jax.value_and_grad(lambda e: losses.relational_distance(e, t))(s)
+        assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
