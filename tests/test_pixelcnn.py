@@ -57,6 +57,8 @@ def test_bits_per_dim_against_numpy():
     nll_bits = -np.take_along_axis(logp, levels[..., None], axis=-1)[..., 0] / np.log(2)
     want = np.mean(nll_bits.reshape(3, -1).sum(1) / (4 * 4 * 2))
     np.testing.assert_allclose(float(losses.bits_per_dim(jnp.asarray(logits), jnp.asarray(levels))), want, rtol=1e-6)
+    per_image = nll_bits.reshape(3, -1).mean(1)
+    np.testing.assert_allclose(losses.bits_per_image(jnp.asarray(logits), jnp.asarray(levels)), per_image, rtol=1e-6)
 
 
 @pytest.mark.parametrize("alpha,temperature", [(0.5, 2.0), (0.0, 1.0), (1.0, 4.0)])

@@ -62,9 +62,7 @@ def make_bits_per_image(model: nn.Module, mesh: Mesh, conditional: bool) -> Call
     def per_device(variables, images, labels):
         levels = to_levels(images, model.levels)
         logits = model.apply(variables, to_model_input(levels, model.levels), *((labels,) if conditional else ()))
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jax.numpy.take_along_axis(logp, levels[..., None], axis=-1)[..., 0]
-        return nll.reshape(nll.shape[0], -1).mean(axis=1) / jax.numpy.log(2.0)
+        return losses.bits_per_image(logits, levels)
 
     return parallel.data_parallel(per_device, mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
                                   out_specs=P(DATA_AXIS))
