@@ -14,7 +14,8 @@ Phases (`kdjax/tasks/pixelcnn_kd.py`): the teacher (the shipped bundle, or train
 
 import ml_collections
 
-from kdjax.config import DIGITS8_PIXELCNN, apply_arg, data_config, phase_train_config, run_config
+from kdjax.config import (DIGITS8_PIXELCNN, DIGITS32_JUDGE, apply_arg, data_config, phase_train_config, run_config,
+                          sample_eval_config, vqvae_config)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -39,7 +40,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         temperature=1.0,  # softmax temperature T of the soft term (scaled by T^2)
         sequence_samples=4000,  # > 0: also a sequence-level KD student trained on this many teacher samples
     ))
-    config.num_samples = 64  # samples per model for samples.png
+    config.vqvae = vqvae_config()  # none: the PixelCNNs model the pixels (configs/vqvae_prior_kd.py: VQ-VAE codes)
+    # FID/KID of 2000 samples per model, scored as the main job scores its generators: in the shipped digits
+    # judge's features at 32x32 (8x8 samples upsampled as the data path upsamples the real digits: bicubic).
+    config.eval = sample_eval_config(judge=str(DIGITS32_JUDGE), num_samples=2000)
     return apply_arg(config, arg, VARIANTS, where="configs/pixelcnn_kd.py")
 
 
@@ -53,7 +57,8 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.teacher.train.num_steps = config.student.train.num_steps = 20
     config.teacher.train.batch_size = config.student.train.batch_size = 32
     config.kd.sequence_samples = 64
-    config.num_samples = 16
+    config.eval.judge = ""  # no FID: the shipped judge scores 32x32 digits (tests give a tiny judge)
+    config.eval.num_samples = 16
     config.log_every = config.checkpoint_every = 10
     config.eval_batch_size = 64
 

@@ -131,6 +131,20 @@ def pixel_kd(student_logits: jax.Array, teacher_logits: jax.Array, levels: jax.A
     return classic_kd(flat(student_logits), flat(teacher_logits), levels.reshape(-1), alpha, temperature)
 
 
+# --- Vector quantisation (VQ-VAE): the encoder's term; the codebook moves by EMA (`models.vqvae`).
+
+def vq_commitment(z_e: jax.Array, z_q: jax.Array) -> jax.Array:
+    """Commitment term (van den Oord et al. 2017): mean over elements of (z_e - sg(z_q))^2, so the encoder's
+    outputs stay near the codebook entries they are assigned to; no gradient reaches the codebook."""
+    return jnp.mean(jnp.square(z_e.astype(jnp.float32) - jax.lax.stop_gradient(z_q.astype(jnp.float32))))
+
+
+def code_perplexity(counts: jax.Array) -> jax.Array:
+    """exp(entropy) of the code usage p_k = n_k / sum n: K when every code is used equally, 1 for one code."""
+    p = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+
+
 # --- Generator distillation: reconstruction, feature, perceptual, adversarial, R1.
 # Images are NHWC; feature dicts map a layer name to a (B, H, W, C) map (or a (B, C) vector).
 
@@ -275,3 +289,54 @@ ADVERSARIAL: dict[str, tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Arr
     "logistic": (g_nonsaturating, d_logistic),
     "hinge": (g_hinge, d_hinge),
 }
+
+
+# --- Image-to-image (super-resolution, inpainting, enhancement): FAKD. The pixel terms are `l1` (to the
+# ground truth and to the teacher's output) and the adapted feature term `feature_matching`, above.
+
+def feature_affinity(f: jax.Array, eps: float = 1e-7) -> jax.Array:
+    """The spatial affinity of a feature map (FAKD, He et al. 2020), (B, HW, HW) in float32:
+
+        F = n(f) reshaped to (B, HW, C),   A = F F^T,   A[b, i, j] = <F[b, i], F[b, j]>,
+
+    n the L2 normalisation of each position's channel vector (`normalize_channels`, eps added to the norm as
+    the official code does), so A[b, i, j] is the cosine similarity of positions i and j, in [-1, 1], and A
+    does not depend on C: a student's map and a teacher's wider one compare without an adapter.
+
+    Args:
+      f: (B, H, W, C) feature maps (any compute dtype; the product is taken in float32 at full precision).
+    """
+    if f.ndim != 4:
+        raise ValueError(f"feature_affinity: expected a (B, H, W, C) map, got shape {f.shape}.")
+    b, h, w, c = f.shape
+    flat = normalize_channels(f, eps).reshape(b, h * w, c)
+    return jnp.einsum("bic,bjc->bij", flat, flat, precision=jax.lax.Precision.HIGHEST)
+
+
+def fakd(student_feats: Features, teacher_feats: Features) -> jax.Array:
+    """FAKD (He, Dai, Lu, Jiang & Xia 2020, "FAKD: Feature-Affinity Based Knowledge Distillation for Efficient
+    Image Super-Resolution"), the spatial-affinity term:
+
+        FAKD = mean over shared names k of mean_{b, i, j} | A(s_k)[b, i, j] - sg(A(t_k))[b, i, j] |,
+
+    A = `feature_affinity`. The mean over the HW x HW entries is the official code's `nn.L1Loss()`; the
+    official code sums the maps' terms where this averages them (its weight is this one's times the number of
+    maps).
+
+    Args:
+      student_feats, teacher_feats: name -> (B, H, W, C) map; maps of one name must agree in B, H and W (the
+        channels may differ). Names present in only one dict are ignored.
+    Raises:
+      ValueError: when no name is shared, or a shared pair differs in batch or spatial size.
+    """
+    shared = sorted(set(student_feats) & set(teacher_feats))
+    if not shared:
+        raise ValueError(f"fakd: no shared feature names: student {sorted(student_feats)} vs teacher "
+                         f"{sorted(teacher_feats)}.")
+    for name in shared:
+        if student_feats[name].shape[:3] != teacher_feats[name].shape[:3]:
+            raise ValueError(f"fakd: map {name!r} differs in (B, H, W): student {student_feats[name].shape[:3]} "
+                             f"vs teacher {teacher_feats[name].shape[:3]}.")
+    return jnp.mean(jnp.stack([
+        jnp.mean(jnp.abs(feature_affinity(student_feats[k])
+                         - jax.lax.stop_gradient(feature_affinity(teacher_feats[k])))) for k in shared]))

@@ -42,7 +42,9 @@ DEFAULT_METRICS = {
                       "student_scratch/ece", "teacher/retrieval/recall@1", "student_kd/retrieval/recall@1",
                       "student_scratch/retrieval/recall@1"],
     "pixelcnn_kd": ["teacher/test_bits_per_dim", "student_kd/test_bits_per_dim", "student_seq/test_bits_per_dim",
-                    "student_scratch/test_bits_per_dim"],
+                    "student_scratch/test_bits_per_dim", "teacher/fid", "student_kd/fid", "student_seq/fid",
+                    "student_scratch/fid", "teacher/kid_mean", "student_kd/kid_mean", "student_seq/kid_mean",
+                    "student_scratch/kid_mean"],
     "gan": ["steps"],
 }
 

@@ -83,6 +83,44 @@ def test_autoregressive_model(tmp_path):
     np.testing.assert_allclose(runner(x, y), np.asarray(model.apply(variables, x, y)), atol=1e-6)
 
 
+def test_autoencoder_exports_its_decoder(tmp_path):
+    """A VQ-VAE bundle exports the half a prior's samples need: integer codes in, decoded images out."""
+    from kdjax.models import build_model
+    from kdjax.models.bundles import save_model_bundle
+
+    kwargs = dict(resolution=8, channels=1, num_codes=6, code_dim=3, features=8, downsamples=1, res_blocks=1)
+    model = build_model("vqvae", **kwargs)
+    variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+    save_model_bundle(tmp_path / "b", "vqvae", kwargs, variables)
+    out = tmp_path / "d.jaxexport"
+    deploy.export_bundle(str(tmp_path / "b"), "stablehlo", str(out))
+    runner = deploy.load(out)
+    assert [(t["name"], t["dtype"]) for t in runner.metadata["inputs"]] == [("codes", "int32")]
+    assert runner.metadata["outputs"][0]["shape"] == [None, 8, 8, 1]
+    codes = np.random.default_rng(0).integers(0, 6, (3, 4, 4)).astype(np.int32)
+    want = np.asarray(model.apply(variables, codes, method=type(model).decode_codes))
+    np.testing.assert_allclose(runner(codes), want, atol=1e-6)
+
+
+def test_image_to_image_network_at_a_given_input_shape(tmp_path):
+    """An x2 super-resolution network: the input shape is the caller's (fully convolutional), output 2x."""
+    from kdjax.models import build_model
+    from kdjax.models.bundles import save_model_bundle
+
+    kwargs = dict(channels=1, scale=2, features=(8, 4))
+    model = build_model("espcn", **kwargs)
+    variables = model.init(jax.random.key(0), np.zeros((1, 6, 6, 1), np.float32))
+    save_model_bundle(tmp_path / "b", "espcn", kwargs, variables)
+    with pytest.raises(deploy.ExportError, match="records no input_shape; pass --input_shape"):
+        deploy.export_bundle(str(tmp_path / "b"), "stablehlo", str(tmp_path / "x.jaxexport"))
+    out = tmp_path / "sr.jaxexport"
+    deploy.export_bundle(str(tmp_path / "b"), "stablehlo", str(out), input_shape=(12, 10, 1))
+    runner = deploy.load(out)
+    assert runner.metadata["outputs"][0]["shape"] == [None, 24, 20, 1]
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 12, 10, 1)).astype(np.float32)
+    np.testing.assert_allclose(runner(x), np.asarray(model.apply(variables, x)), atol=1e-6)
+
+
 def test_signature_inputs(bundles):
     sig = deploy.signatures.from_bundle(str(bundles["dcgan"]))
     assert [(t.name, t.shape, t.dtype) for t in sig.inputs] == [("z", (16,), "float32"), ("labels", (), "int32")]

@@ -125,7 +125,7 @@ def test_default_config_uses_the_shipped_teacher_and_checks_its_shape():
     train.check_config(config)  # the shipped digits teacher: 8x8x1, 17 levels, unconditional
     meta = bundles.check_model_bundle(config.teacher.checkpoint, "t", kind="autoregressive")
     assert meta["kwargs"]["levels"] == config.levels == 17
-    with pytest.raises(ValueError, match="models 8x8x1 images; the data is 16x16x1"):
+    with pytest.raises(ValueError, match=r"models 8x8x1 images; the data is 16x16x1 \(config.data.resolution"):
         train.check_config(load_config("data.resolution=16"))
     with pytest.raises(ValueError, match="is unconditional; config.conditional=True"):
         train.check_config(load_config("conditional=True"))

@@ -3,10 +3,13 @@ the shipped model bundles. It imports ml_collections only, so a config file cost
 `configs/` import nothing else from kdjax."""
 
 from kdjax.config.args import apply_arg
-from kdjax.config.blocks import (DISTILL_TERMS, data_config, distill_config, gan_config, optimizer_config,
-                                 phase_train_config, run_config)
-from kdjax.pretrained import DIGITS8_PIXELCNN, DIGITS32_JUDGE, DIGITS32_TEACHER
+from kdjax.config.blocks import (DISTILL_TERMS, data_config, degradation_config, distill_config, gan_config,
+                                 optimizer_config, phase_train_config, photos_data_config, run_config,
+                                 sample_eval_config, vqvae_config)
+from kdjax.pretrained import DIGITS8_PIXELCNN, DIGITS32_JUDGE, DIGITS32_TEACHER, DIGITS32_VQ_PRIOR, DIGITS32_VQVAE
 
-__all__ = ["DIGITS8_PIXELCNN", "DIGITS32_JUDGE", "DIGITS32_TEACHER", "DISTILL_TERMS", "apply_arg", "data_config",
-           "distill_config",
-           "gan_config", "optimizer_config", "phase_train_config", "run_config"]
+__all__ = ["DIGITS8_PIXELCNN", "DIGITS32_JUDGE", "DIGITS32_TEACHER", "DIGITS32_VQ_PRIOR", "DIGITS32_VQVAE",
+           "DISTILL_TERMS", "apply_arg", "data_config",
+           "degradation_config", "distill_config",
+           "gan_config", "optimizer_config", "phase_train_config", "photos_data_config", "run_config",
+           "sample_eval_config", "vqvae_config"]

@@ -101,3 +101,49 @@ def distill_config(**overrides) -> ml_collections.ConfigDict:
         progressive=ml_collections.ConfigDict(dict(enabled=False, start_resolution=8, fade_fraction=0.5))))
     cfg.update(overrides)
     return cfg
+
+
+def vqvae_config(model: str = "", checkpoint: str = "", train: ml_collections.ConfigDict | None = None,
+                 **kwargs) -> ml_collections.ConfigDict:
+    """`config.vqvae` of `pixelcnn_kd`: a VQ-VAE whose codes the PixelCNNs model (model "" = none: they model
+    the images). Trained first (phase `vqvae`, `train`) or loaded from the bundle `checkpoint`."""
+    return ml_collections.ConfigDict(dict(
+        model=model,  # "vqvae" or "" (no autoencoder)
+        kwargs=ml_collections.ConfigDict(kwargs),  # the model's fields (resolution, channels: from the data)
+        checkpoint=checkpoint,  # an autoencoder bundle; "" trains one with `train`
+        train=train if train is not None else phase_train_config(2000, 64, name="adam", learning_rate=1e-3),
+        beta=0.25,  # weight of the commitment term (z_e - sg(z_q))^2
+        ema_decay=0.99,  # decay of the codebook's moving averages
+    ))
+
+
+def sample_eval_config(judge: str = "", num_samples: int = 2000) -> ml_collections.ConfigDict:
+    """`config.eval` of `pixelcnn_kd`: how samples are scored. With a judge classifier bundle, every model's
+    samples get FID, KID and precision/recall/density/coverage against the real images in its features."""
+    return ml_collections.ConfigDict(dict(
+        judge=judge,  # a classifier bundle recording its input_shape; "" = bits/dim and samples.png only
+        num_samples=num_samples,  # samples per model (samples.png shows the first 16)
+        real_split="all",  # the real set: "all" (train and test, the GAN protocol), "train" or "test"
+    ))
+
+
+def degradation_config(name: str = "downsample", **params) -> ml_collections.ConfigDict:
+    """`config.degradation` of an image-to-image task: a name of `kdjax.core.degradations.DEGRADATIONS` and the
+    parameters given for it (the others keep the degradation's defaults), e.g.
+    `degradation_config("downsample", scale=2)`, `degradation_config("noise", sigma=25.0)`."""
+    return ml_collections.ConfigDict(dict(name=name, **params))
+
+
+def photos_data_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.data` of an image-to-image task: photographs, cropped for training (`kdjax.core.photos`)."""
+    cfg = ml_collections.ConfigDict(dict(
+        source="skimage",  # "skimage" (its photographs) | "lfw" (its 100 25x25 LFW faces) | "folder"
+        folder="",  # a folder of photographs, for source="folder"
+        channels=3,  # 1 (grey) or 3 (RGB)
+        crop=48,  # training crops are crop x crop pixels of the clean photograph (the target)
+        test_fraction=0.2,  # held-out fraction of the photographs (a fixed split by whole image)
+        eval_max_side=0,  # > 0: evaluate on centre crops of at most this many pixels a side (0: whole photos)
+        num_threads=2,  # background threads cropping and degrading training pairs
+    ))
+    cfg.update(overrides)
+    return cfg

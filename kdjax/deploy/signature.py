@@ -13,6 +13,10 @@ carries. By kind:
 - autoregressive (PixelCNN): `images` (B, R, R, C) [, `labels`] -> `logits` (B, R, R, C, levels), one
   categorical distribution per pixel and channel given the pixels before it (sampling runs the exported
   function R * R * C times, feeding back each drawn level as 2 k / (levels - 1) - 1).
+- image_to_image (super-resolution, inpainting, enhancement): `images` (B, H, W, C_in) at the export's fixed
+  `--input_shape` -> `images` (B, H * scale, W * scale, C).
+- autoencoder (VQ-VAE): its decoder, `codes` (B, h, h) int32 in [0, num_codes) -> `images` (B, R, R, C), the
+  half that turns a prior's sampled codes into images.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Signature:
     num_classes: int  # of the `labels` input (0: none)
     options: dict[str, Any]  # call options fixed in the export (noise_mode, truncation_psi)
     source: str  # the bundle's path
+    num_codes: int = 0  # of the `codes` input of an autoencoder's decoder (0: none)
 
     def abstract_inputs(self, batch: Any) -> list[jax.ShapeDtypeStruct]:
         """The inputs as shape/dtype structs with `batch` rows (an int or a symbolic dimension)."""
@@ -82,6 +87,8 @@ def example_inputs(signature: Signature, batch: int, seed: int = 0) -> list[np.n
         shape = (batch, *t.shape)
         if t.name == "labels":
             out.append(rng.integers(0, signature.num_classes, size=shape).astype(np.int32))
+        elif t.name == "codes":
+            out.append(rng.integers(0, signature.num_codes, size=shape).astype(np.int32))
         elif t.name == "z":
             out.append(rng.standard_normal(shape).astype(np.float32))
         else:
@@ -128,16 +135,30 @@ def from_bundle(path: str, input_shape: Sequence[int] | None = None,
         inputs = [Tensor("z", (spec.z_dim,), "float32", "latent, standard normal N(0, 1)")]
         output = Tensor("images", (spec.resolution, spec.resolution, spec.channels), "float32",
                         "NHWC float32, about [-1, 1], not clipped")
+    elif truncation_psi is not None:
+        raise ExportError(f"--truncation_psi is for generators; {path!r} holds a {kind} ({name!r}).")
+    elif kind == "autoencoder":  # the deployable half: a prior's sampled codes -> images
+        spec = module.spec
+        inputs = [Tensor("codes", (spec.code_resolution,) * 2, "int32", f"codebook indices in [0, {spec.num_codes})")]
+        output = Tensor("images", (spec.resolution, spec.resolution, spec.channels), "float32",
+                        "NHWC float32, about [-1, 1], not clipped")
     else:
-        if truncation_psi is not None:
-            raise ExportError(f"--truncation_psi is for generators; {path!r} holds a {kind} ({name!r}).")
-        if kind == "classifier":
+        if kind in ("classifier", "image_to_image"):
             shape = tuple(input_shape or meta.get("input_shape") or ())
             if len(shape) != 3 or min(shape) < 1:
-                raise ExportError(f"--bundle={path!r}: a {name!r} classifier takes any image size and its "
-                                  "model.json records no input_shape; pass --input_shape=H,W,C (e.g. 32,32,1).")
-            output = Tensor("logits", (num_classes,), "float32", "class logits")
-            num_classes = 0  # a classifier takes no labels
+                raise ExportError(f"--bundle={path!r}: a {name!r} {kind.replace('_', '-')} network takes any image "
+                                  "size and its model.json records no input_shape; pass --input_shape=H,W,C (e.g. "
+                                  "32,32,1).")
+            if kind == "classifier":
+                output = Tensor("logits", (num_classes,), "float32", "class logits")
+            else:
+                spec = module.spec
+                if shape[2] != spec.in_channels:
+                    raise ExportError(f"--input_shape={','.join(map(str, shape))}: the {name!r} takes "
+                                      f"{spec.in_channels} input channels.")
+                output = Tensor("images", (shape[0] * spec.scale, shape[1] * spec.scale, spec.out_channels), "float32",
+                                "NHWC float32, about [-1, 1], not clipped")
+            num_classes = 0  # neither takes labels
         else:
             res, ch = getattr(module, fields["resolution"]), getattr(module, fields["channels"])
             shape = (res, res, ch)
@@ -149,7 +170,10 @@ def from_bundle(path: str, input_shape: Sequence[int] | None = None,
         inputs.append(Tensor("labels", (), "int32", f"class label in [0, {num_classes})"))
 
     def fn(*arrays: jax.Array) -> jax.Array:
+        if kind == "autoencoder":
+            return module.apply(variables, arrays[0], method=type(module).decode_codes)
         labels = arrays[1:] if num_classes else ()
         return module.apply(variables, arrays[0], *labels, train=False, **options)
 
-    return Signature(fn, tuple(inputs), output, name, dict(kwargs), kind, num_classes, options, str(path))
+    return Signature(fn, tuple(inputs), output, name, dict(kwargs), kind, num_classes, options, str(path),
+                     module.spec.num_codes if kind == "autoencoder" else 0)

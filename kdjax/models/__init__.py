@@ -14,6 +14,11 @@ Conventions shared by all models (see each module's docstring for the details):
 - discriminators: `__call__(x, labels=None, *, train=False)` returns one logit per image, shape (B,);
 - autoregressive models: `__call__(x, labels=None, *, train=False)` returns per-pixel logits over the
   intensity levels, (B, H, W, C, levels), causal in raster order (`interface.AutoregressiveSpec`);
+- autoencoders (VQ-VAE): `__call__(x, *, train=False)` returns a dict with the reconstruction and the integer
+  codes; `encode`, `quantize`, `decode_codes` as methods (`interface.AutoencoderSpec`);
+- image-to-image networks (super-resolution, inpainting, enhancement): `__call__(x, *, train=False,
+  return_features=False)` maps (B, H, W, in_channels) to (B, H * scale, W * scale, channels)
+  (`interface.ImageToImageSpec`);
 - randomness only through rng streams (`noise`, `dropout`); non-trainable state in collections
   (`batch_stats`, `w_avg`);
 - each class declares `KIND`, `DATA_FIELDS` and `DATA_PARALLEL_FIELDS`, and each generator a `spec`
@@ -28,9 +33,10 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
-from kdjax.models.interface import KINDS, AutoregressiveSpec, GeneratorSpec
+from kdjax.models.interface import KINDS, AutoencoderSpec, AutoregressiveSpec, GeneratorSpec, ImageToImageSpec
 
-__all__ = ["REGISTRY", "AutoregressiveSpec", "GeneratorSpec", "build_model", "check_model_kwargs", "data_kwargs", "kind",
+__all__ = ["REGISTRY", "AutoencoderSpec", "AutoregressiveSpec", "GeneratorSpec", "ImageToImageSpec", "build_model",
+           "check_model_kwargs", "data_kwargs", "kind",
            "model_class", "model_fields", "names_of_kind", "outside_data_parallel", "data_parallel_kwargs"]
 
 # name -> "module:attribute". Imported on demand so that one family's import cost is paid only when used.
@@ -46,6 +52,13 @@ REGISTRY: dict[str, str] = {
     "dcgan_discriminator": "kdjax.models.dcgan:Discriminator",
     # Gated PixelCNN (van den Oord et al. 2016): autoregressive teacher and student.
     "pixelcnn": "kdjax.models.pixelcnn:PixelCNN",
+    # VQ-VAE (van den Oord et al. 2017): the discrete autoencoder under a PixelCNN prior over its codes.
+    "vqvae": "kdjax.models.vqvae:VQVAE",
+    # Image-to-image (super-resolution, inpainting, enhancement): EDSR teacher (Lim et al. 2017), ESPCN student
+    # (Shi et al. 2016), U-Net (Ronneberger et al. 2015).
+    "edsr": "kdjax.models.restoration:EDSR",
+    "espcn": "kdjax.models.restoration:ESPCN",
+    "unet": "kdjax.models.restoration:UNet",
 }
 
 

@@ -80,6 +80,8 @@ def _init_arguments(model: nn.Module, channels: int) -> tuple[Any, ...]:
     fields = type(model).DATA_FIELDS
     if model.KIND == "generator":
         args, num_classes = (jnp.zeros((1, model.spec.z_dim)),), model.spec.num_classes
+    elif model.KIND == "image_to_image":  # any size; the input may carry extra channels (an inpainting mask)
+        args, num_classes = (jnp.zeros((1, 8, 8, model.spec.in_channels)),), 0
     else:
         res = getattr(model, fields["resolution"]) if "resolution" in fields else 8
         ch = getattr(model, fields["channels"]) if "channels" in fields else channels

@@ -9,14 +9,17 @@
   for code that runs outside `shard_map` (initialisation, sampling, evaluation).
 - `AutoregressiveSpec`: an autoregressive model's resolution, channels, intensity levels and classes
   (`model.spec`).
-- `KIND` (class attribute): "generator", "discriminator", "classifier" or "autoregressive".
+- `AutoencoderSpec`: an autoencoder's image resolution and channels, and the grid and size of its codes.
+- `ImageToImageSpec`: an image-to-image network's input and output channels and its upscaling factor.
+- `KIND` (class attribute): "generator", "discriminator", "classifier", "autoregressive", "autoencoder" or
+  "image_to_image".
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-KINDS = ("generator", "discriminator", "classifier", "autoregressive")
+KINDS = ("generator", "discriminator", "classifier", "autoregressive", "autoencoder", "image_to_image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,3 +45,27 @@ class AutoregressiveSpec:
     channels: int
     levels: int
     num_classes: int  # 0 = unconditional
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderSpec:
+    """The discrete-autoencoder interface (VQ-VAE): images (B, resolution, resolution, channels) in [-1, 1]
+    <-> integer codes (B, code_resolution, code_resolution) in 0 .. num_codes - 1 (`encode` + `quantize`,
+    `decode_codes`)."""
+
+    resolution: int
+    channels: int
+    code_resolution: int
+    num_codes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageToImageSpec:
+    """The image-to-image interface (super-resolution, inpainting, enhancement): `__call__(x, *, train=False,
+    return_features=False)` takes (B, H, W, in_channels) in [-1, 1] (for inpainting the masked image and the
+    mask as one more channel) and returns (B, H * scale, W * scale, out_channels), or `(images, features)`
+    with named intermediate maps for feature distillation. Any H and W (fully convolutional)."""
+
+    in_channels: int
+    out_channels: int
+    scale: int  # 1 for inpainting and enhancement

@@ -14,6 +14,8 @@ The network, without the blind spot of the original PixelCNN:
   read input groups < c in the first layer, mask "A", and <= c later, mask "B");
 - gated units tanh(a + V h) * sigmoid(b + W h), h a learned class embedding when `num_classes > 0`;
 - residual connections in the horizontal stack; two masked 1x1 layers to C x levels logits.
+With `embed > 0` the input levels (recovered from the [-1, 1] scale) enter through a learned embedding, as
+categorical codes should (a VQ-VAE prior's levels are codebook indices, with no order).
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ class PixelCNN(nn.Module):
     features: int = 64  # per stack and layer, a multiple of `channels`
     layers: int = 6  # gated layers
     kernel_size: int = 5  # odd; the first layer's too
+    embed: int = 0  # > 0: each channel's level enters as a learned embedding of this size (for unordered
+    #                 levels such as VQ-VAE codes) instead of its scaled value
     dtype: Any = jnp.float32  # compute dtype; parameters and logits are float32
 
     KIND: ClassVar[str] = "autoregressive"
@@ -148,7 +152,13 @@ class PixelCNN(nn.Module):
             if labels is None:
                 raise ValueError(f"num_classes={self.num_classes}: labels are required.")
             condition = nn.Embed(self.num_classes, self.features, name="class_embed")(labels).astype(self.dtype)
-        v = h = x.astype(self.dtype)
+        if self.embed > 0:  # level k of each channel -> a vector; channel c's vectors form feature group c
+            levels = jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * (0.5 * (self.levels - 1))), 0, self.levels - 1)
+            vectors = nn.Embed(self.levels, self.embed, name="level_embed")(levels.astype(jnp.int32))
+            x_in = vectors.reshape(*x.shape[:3], self.channels * self.embed)
+        else:
+            x_in = x
+        v = h = x_in.astype(self.dtype)
         for i in range(self.layers):
             v, h = GatedLayer(self.features, self.kernel_size, self.channels, first=(i == 0), dtype=self.dtype,
                               name=f"layer{i}")(v, h, condition)

@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {
     "gan": "kdjax.tasks.gan",
     "distill": "kdjax.tasks.distill",
     "pixelcnn_kd": "kdjax.tasks.pixelcnn_kd",
+    "restoration_kd": "kdjax.tasks.restoration_kd",
 }
 
 

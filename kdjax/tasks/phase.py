@@ -4,7 +4,7 @@ run through the shared loop (batches, loop options, resume, logging, checkpoints
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import ml_collections
@@ -32,10 +32,15 @@ def model_from_block(block: ml_collections.ConfigDict, shape: tuple[int, int, in
 def run_phase(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, state: Any,
               step_fn: Callable[[Any, Any], tuple[Any, Any]], source: Sequence[dict],
               train_cfg: ml_collections.ConfigDict, mesh: Mesh, writer: metric_writers.MetricWriter,
-              budget: loop.StepBudget, on_log: Callable[[int, Any], None] | None = None) -> tuple[Any, bool]:
+              budget: loop.StepBudget, on_log: Callable[[int, Any], None] | None = None,
+              batches: Callable[[int], Iterator[Any]] | None = None) -> tuple[Any, bool]:
     """Trains phase `name` on batches of `source` for `train_cfg.num_steps` steps of `train_cfg.batch_size`
-    (`kdjax.steps.loop.run`, checkpoints in `workdir/name`); returns (state, finished)."""
-    batches = data.TrainBatches(source, train_cfg.batch_size, seed=config.seed, num_threads=config.data.num_threads)
+    (`kdjax.steps.loop.run`, checkpoints in `workdir/name`); returns (state, finished). `batches`
+    (start step -> iterator of this process's batches, e.g. `photos.PairBatches.iterate`) replaces the image
+    batches of `source` for tasks whose examples are not images with labels (pass `source=()`)."""
+    if batches is None:
+        batches = data.TrainBatches(source, train_cfg.batch_size, seed=config.seed,
+                                    num_threads=config.data.num_threads).iterate
     options = loop.LoopOptions(train_cfg.num_steps, config.log_every, config.checkpoint_every, config.max_to_keep,
                                config.async_checkpoints)
-    return loop.run(name, workdir, state, step_fn, batches.iterate, mesh, options, writer, budget, on_log=on_log)
+    return loop.run(name, workdir, state, step_fn, batches, mesh, options, writer, budget, on_log=on_log)

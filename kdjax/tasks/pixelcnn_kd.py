@@ -32,15 +32,18 @@ from jax.sharding import Mesh
 from kdjax import models
 from kdjax.core import data, images, optim, parallel, summaries
 from kdjax.evaluation import cost, report
+from kdjax.evaluation.generators import REAL_SPLITS, judge_pool, quality_metrics, real_set
 from kdjax.models import bundles
 from kdjax.models.pixelcnn import sample
 from kdjax.steps import loop
 from kdjax.steps.autoregressive import make_bits_per_image, make_train_step
 from kdjax.steps.state import TrainState
-from kdjax.tasks import checks
+from kdjax.tasks import checks, vqvae_codes
 from kdjax.tasks.phase import model_from_block, run_phase
 
 STUDENT_PHASES = ("student_kd", "student_seq", "student_scratch")
+SAMPLE_BATCH = 64  # samples drawn per call (the sampling images/s is measured at this batch)
+GRID_SAMPLES = 16  # samples per model in samples.png
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -58,10 +61,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if kw.get("levels") != config.levels:
             raise ValueError(f"config.teacher.checkpoint models {kw.get('levels')} levels; config.levels="
                              f"{config.levels}. Set config.levels to the teacher's.")
-        if (kw.get("resolution"), kw.get("channels")) != (config.data.resolution, config.data.channels):
+        res, ch, (what, fields) = prior_data_shape(config)
+        if (kw.get("resolution"), kw.get("channels")) != (res, ch):
             raise ValueError(f"config.teacher.checkpoint models {kw.get('resolution')}x{kw.get('resolution')}x"
-                             f"{kw.get('channels')} images; the data is {config.data.resolution}x"
-                             f"{config.data.resolution}x{config.data.channels} (config.data.resolution, .channels).")
+                             f"{kw.get('channels')} {what}; the data is {res}x{res}x{ch} ({fields}).")
         if bool(kw.get("num_classes")) != bool(config.conditional):
             raise ValueError(f"config.teacher.checkpoint is {'' if kw.get('num_classes') else 'un'}conditional; "
                              f"config.conditional={config.conditional}.")
@@ -73,8 +76,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.kd.sequence_samples < 0:
         raise ValueError(f"config.kd.sequence_samples={config.kd.sequence_samples} must be >= 0 (0: no "
                          "sequence-level phase).")
-    if config.num_samples < 1:
-        raise ValueError(f"config.num_samples={config.num_samples} must be >= 1.")
+    if config.vqvae.model or config.vqvae.checkpoint:
+        vqvae_codes.check_config(config)
+    check_eval(config)
+
+
+def check_eval(config: ml_collections.ConfigDict) -> None:
+    """`config.eval`: sample counts, the judge bundle, the real split."""
+    cfg = config.eval
+    if cfg.num_samples < 1:
+        raise ValueError(f"config.eval.num_samples={cfg.num_samples} must be >= 1.")
+    if cfg.judge:
+        meta = bundles.check_model_bundle(cfg.judge, "config.eval.judge", kind="classifier")
+        if len(meta.get("input_shape") or ()) != 3:
+            raise ValueError(f"config.eval.judge={cfg.judge!r}: its model.json records no input_shape, so the size "
+                             "to score images at is unknown; use a judge bundle written by classifier_kd.")
+        if meta["input_shape"][2] != config.data.channels:
+            raise ValueError(f"config.eval.judge takes {meta['input_shape'][2]}-channel images; the data has "
+                             f"{config.data.channels} (config.data.channels).")
+        if cfg.real_split not in REAL_SPLITS:
+            raise ValueError(f"config.eval.real_split={cfg.real_split!r}; valid: {list(REAL_SPLITS)}.")
+
+
+def prior_data_shape(config: ml_collections.ConfigDict) -> tuple[int, int, tuple[str, str]]:
+    """(resolution, channels, (what they are, the fields that set them)) of the arrays the PixelCNNs model:
+    the images, or the VQ-VAE's grid of codes."""
+    if config.vqvae.model or config.vqvae.checkpoint:
+        return vqvae_codes.code_shape(config)[0], 1, ("codes", "the VQ-VAE's code grid, config.vqvae")
+    return config.data.resolution, config.data.channels, ("images", "config.data.resolution, .channels")
 
 
 def conditional(model: nn.Module) -> bool:
@@ -167,14 +196,47 @@ def model_cost(model: nn.Module, variables: Any, batch: int) -> dict[str, float]
             "flops_per_sample": forward * passes, "sample_images_per_s": batch / seconds}
 
 
+def judge_and_real(config: ml_collections.ConfigDict, dataset: data.Dataset, mesh: Mesh
+                   ) -> tuple[tuple[nn.Module, Any], np.ndarray, int] | None:
+    """(judge, its 'pool' features of the real set, the judge's resolution), or None without a judge. The real
+    set is `config.eval.real_split` of the data at the judge's resolution (loaded again at that size when
+    the data is smaller, as the data path resizes: bicubic)."""
+    if not config.eval.judge:
+        return None
+    model, variables, meta = bundles.load_model(config.eval.judge, "config.eval.judge", mesh)
+    resolution = int(meta["input_shape"][0])
+    if resolution != dataset.resolution:
+        cfg = ml_collections.ConfigDict(config.data.to_dict())
+        cfg.resolution = resolution
+        dataset = data.load_dataset(cfg)
+    judge = (model, parallel.to_host(variables))
+    return judge, judge_pool(judge, real_set(dataset, config.eval.real_split), config.eval_batch_size), resolution
+
+
+def at_resolution(images_m11: np.ndarray, resolution: int) -> np.ndarray:
+    """Images in [-1, 1] -> the same at `resolution`, through the data path's 8-bit bicubic resize."""
+    if images_m11.shape[1] == resolution:
+        return images_m11
+    u8 = images.to_uint8(images_m11)
+    return images.to_model_range(np.stack([data.prepare_image(im, resolution, im.shape[-1]) for im in u8]))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any] | None:
     """Runs the phases and the evaluation; returns the report (None if stopped early)."""
     workdir = pathlib.Path(workdir)
     dtype = jnp.dtype(config.compute_dtype)
     mesh = parallel.make_mesh()
-    dataset = data.load_dataset(config.data)
+    image_data = data.load_dataset(config.data)
     writer = summaries.create_writer(workdir)
     budget = loop.StepBudget(config.stop_after_steps)
+
+    dataset, autoencoder, vq_figures = image_data, None, {}
+    if config.vqvae.model or config.vqvae.checkpoint:  # the PixelCNNs model the VQ-VAE's codes
+        ae_model, ae_vars, finished = vqvae_codes.train_or_load(config, workdir, image_data, mesh, writer, budget)
+        if not finished:
+            return None
+        autoencoder = (models.outside_data_parallel(ae_model), parallel.to_host(ae_vars))
+        dataset, vq_figures = vqvae_codes.code_dataset(ae_model, ae_vars, image_data, mesh, config.eval_batch_size)
     shape = (dataset.resolution, dataset.channels, dataset.num_classes if config.conditional else 0)
 
     if config.teacher.checkpoint:
@@ -206,21 +268,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                            "num_validation_examples": int(len(dataset.validation)),
                            "kd": {"alpha": config.kd.alpha, "temperature": config.kd.temperature,
                                   "sequence_samples": config.kd.sequence_samples}}
+    judged = judge_and_real(config, image_data, mesh)
+    if autoencoder is not None:
+        out["vqvae"] = vqvae_summary(autoencoder, vq_figures, image_data, judged, config, mesh)
+    if judged is not None:
+        out.update(num_samples=config.eval.num_samples, num_real=int(len(judged[1])),
+                   real_split=config.eval.real_split, judge=str(config.eval.judge))
+
+    def to_images(levels: np.ndarray) -> np.ndarray:  # sampled levels -> images in [-1, 1] at the data's size
+        if autoencoder is not None:
+            return vqvae_codes.decode(*autoencoder, levels, config.eval_batch_size)
+        return images.to_model_range(levels_to_uint8(levels, config.levels))
+
     key = jax.random.fold_in(jax.random.key(config.seed), 9)
     grids = []
     for phase, (model, variables) in trained.items():
         bits = held_out_bits(model, variables, dataset.test, mesh, config.eval_batch_size)
         out[phase] = {"test_bits_per_dim": float(bits.mean()),
                       "test_bits_per_dim_sem": float(bits.std(ddof=1) / np.sqrt(len(bits))),
-                      **model_cost(model, variables, min(64, config.num_samples))}
+                      **model_cost(model, variables, SAMPLE_BATCH)}
         if len(dataset.validation):
             out[phase]["validation_bits_per_dim"] = float(
                 held_out_bits(model, variables, dataset.validation, mesh, config.eval_batch_size).mean())
-        levels = draw_samples(model, variables, key, config.num_samples, min(64, config.num_samples))
-        grids.append(levels_to_uint8(levels[:16], config.levels))
+        sampled = to_images(draw_samples(model, variables, key, config.eval.num_samples, SAMPLE_BATCH))
+        grids.append(images.to_uint8(sampled[:GRID_SAMPLES]))
+        if judged is not None:
+            (judge, real_pool, resolution) = judged
+            pool = judge_pool(judge, at_resolution(sampled, resolution), config.eval_batch_size)
+            out[phase].update(quality_metrics(real_pool, {"feats": {"pool": pool}}, config.seed))
     if jax.process_index() == 0:
-        grid = images.image_grid(np.concatenate(grids), columns=16)
-        scale = max(1, 256 // (16 * config.data.resolution))  # nearest-neighbour, so 8x8 digits are visible
+        grid = images.image_grid(np.concatenate(grids), columns=GRID_SAMPLES)
+        scale = max(1, 256 // (GRID_SAMPLES * image_data.resolution))  # nearest-neighbour: 8x8 digits visible
         images.save_png(workdir / "samples.png", np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1))
     writer.write_scalars(config.student.train.num_steps,
                          {f"eval/{p}/{k}": v for p in trained for k, v in out[p].items()})
@@ -229,13 +307,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return out
 
 
+def vqvae_summary(autoencoder: tuple[nn.Module, Any], figures: dict[str, float], image_data: data.Dataset,
+                  judged, config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
+    """The VQ-VAE's figures: reconstruction MSE per split, code usage, decoder cost, and (with a judge) FID/KID
+    of its reconstructions of the real set: the ceiling of any prior's samples through this decoder."""
+    model, variables = autoencoder
+    spec = model.spec
+    codes = np.zeros((1, spec.code_resolution, spec.code_resolution), np.int32)
+    out: dict[str, Any] = {**figures, "num_codes": spec.num_codes, "code_resolution": spec.code_resolution,
+                           "params": cost.count_params(variables),
+                           "decoder_flops": cost.flops_per_image(
+                               lambda v, c: model.apply(v, c, method=type(model).decode_codes), variables,
+                               np.zeros((8, *codes.shape[1:]), np.int32), batch_size=8)}
+    if judged is not None:
+        judge, real_pool, resolution = judged
+        real = real_set(image_data, config.eval.real_split)
+        real_codes, _ = vqvae_codes.encode_split(model, variables, data.ArraySource(
+            images.to_uint8(real), np.zeros(len(real), np.int32)), mesh, config.eval_batch_size)
+        out["codes_used"] = int(len(np.unique(real_codes)))
+        recon = vqvae_codes.decode(model, variables, real_codes, config.eval_batch_size)
+        pool = judge_pool(judge, at_resolution(recon, resolution), config.eval_batch_size)
+        out["reconstruction_quality"] = quality_metrics(real_pool, {"feats": {"pool": pool}}, config.seed)
+    return out
+
+
 def report_table(out: dict[str, Any], phases: Sequence[str]) -> str:
-    """The markdown table of the report."""
-    rows = [[p, f"{out[p]['test_bits_per_dim']:.4f} +- {out[p]['test_bits_per_dim_sem']:.4f}",
-             f"{out[p]['params']:,}", f"{out[p]['flops_per_forward'] / 1e6:.2f}",
-             f"{out[p]['flops_per_sample'] / 1e6:.1f}", f"{out[p]['sample_images_per_s']:.1f}"] for p in phases]
+    """The markdown table of the report (FID/KID columns when a judge scored the samples)."""
+    judged = "fid" in out[phases[0]]
+    rows = []
+    for p in phases:
+        row = [p, f"{out[p]['test_bits_per_dim']:.4f} +- {out[p]['test_bits_per_dim_sem']:.4f}"]
+        if judged:
+            row += [f"{out[p]['fid']:.2f}", f"{out[p]['kid_mean']:.4f}"]
+        rows.append(row + [f"{out[p]['params']:,}", f"{out[p]['flops_per_forward'] / 1e6:.2f}",
+                           f"{out[p]['flops_per_sample'] / 1e6:.1f}", f"{out[p]['sample_images_per_s']:.1f}"])
+    header = ["model", "test bits/dim (+- s.e.)"] + (["FID", "KID"] if judged else []) + [
+        "parameters", "MFLOPs/forward", "MFLOPs/sample", "samples/s"]
     kd = out["kd"]
-    return (report.markdown_table(["model", "test bits/dim (+- s.e.)", "parameters", "MFLOPs/forward",
-                                   "MFLOPs/sample", "samples/s"], rows)
-            + f"\n\n{out['num_test_examples']} held-out {out['dataset']} images at {out['levels']} levels; "
+    what = "" if "vqvae" in out else " images"  # the codes dataset's name says what it holds
+    text = (report.markdown_table(header, rows)
+            + f"\n\n{out['num_test_examples']} held-out {out['dataset']}{what} at {out['levels']} levels; "
             f"alpha = {kd['alpha']}, T = {kd['temperature']}; samples.png rows: {', '.join(phases)}.")
+    if judged:
+        text += (f" FID/KID: {out['num_samples']} samples per model against the {out['num_real']} real images "
+                 f"('{out['real_split']}') in the judge's 'pool' features ({out['judge']}).")
+    if "vqvae" in out:
+        vq = out["vqvae"]
+        text += (f"\n\nVQ-VAE: {vq['num_codes']} codes on a {vq['code_resolution']}x{vq['code_resolution']} grid, "
+                 f"{vq['params']:,} parameters; test reconstruction MSE {vq['test_reconstruction_mse']:.4f} "
+                 f"(images in [-1, 1]); decoder {vq['decoder_flops'] / 1e6:.1f} MFLOPs per image (add it to "
+                 "every model's MFLOPs/sample).")
+        if "reconstruction_quality" in vq:
+            rq = vq["reconstruction_quality"]
+            text += (f" Its reconstructions of the real set: FID {rq['fid']:.2f}, KID {rq['kid_mean']:.4f} (the "
+                     f"ceiling for samples through this decoder); {vq['codes_used']} of {vq['num_codes']} codes used.")
+    return text
