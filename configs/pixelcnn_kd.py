@@ -8,8 +8,9 @@ on the digits at their native 8x8 and 17 intensity levels, scored by exact held-
 Phases (`kdjax/tasks/pixelcnn_kd.py`): the teacher (the shipped bundle, or trained here with
 `--config.teacher.checkpoint=`), the student with word-level KD, with sequence-level KD on teacher samples
 (`kd.sequence_samples`, 0 to skip), and the same student from scratch; then the report (`report.md`,
-`samples.png`). The default run takes about 6 minutes on the project's 2-core CPU (5 min 54 s, the mean of
-3 seeds); results in the README. alpha, T and the student's optimizer were chosen on validation data.
+`samples.png`, FID/KID of 2000 samples per model in the shipped judge's features). The default run took
+10 min 53 s on the project's 2-core CPU with another run beside it (5 min 54 s before the FID/KID evaluation
+was added); results in the README. alpha, T and the student's optimizer were chosen on validation data.
 """
 
 import ml_collections

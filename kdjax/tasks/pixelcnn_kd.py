@@ -13,7 +13,15 @@ Each phase's variables are exported as a model bundle in `workdir/PHASE/bundle`.
 (`report.md`, `report.json`) gives each model's held-out negative log-likelihood in bits/dim (exact: the
 model's own probability of every test image, mean and standard error over the images), the same on the
 validation split when one is carved out, parameters, FLOPs per forward pass and per sampled image (R * R * C
-passes), and sampling images/s; `samples.png` shows samples of every model (rows: teacher, KD, ...).
+passes), and sampling images/s; `samples.png` shows samples of every model (rows: teacher, KD, ...). With a
+judge (`config.eval.judge`), every model's `config.eval.num_samples` samples get FID, KID and
+precision/recall/density/coverage against the real images in the judge's features, as
+`kdjax.evaluation.generators` scores generators (samples smaller than the judge's input are upsampled by the
+data path's own resize, as the real images are).
+
+With `config.vqvae` set (`kdjax/tasks/vqvae_codes.py`, e.g. `configs/vqvae_prior_kd.py`), a VQ-VAE phase comes
+first (or its bundle) and every PixelCNN above models its codes instead of the pixels (levels = the codebook
+size): the teacher is a prior over codes, KD is per code, and samples are decoded before they are scored.
 """
 
 from __future__ import annotations
