@@ -42,7 +42,7 @@ from kdjax.core import data, images, optim, parallel, summaries
 from kdjax.evaluation import cost, report
 from kdjax.evaluation.generators import REAL_SPLITS, judge_pool, quality_metrics, real_set
 from kdjax.models import bundles
-from kdjax.models.pixelcnn import sample
+from kdjax.models.pixelcnn import sample, to_levels
 from kdjax.steps import loop
 from kdjax.steps.autoregressive import make_bits_per_image, make_train_step
 from kdjax.steps.state import TrainState
@@ -278,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                   "sequence_samples": config.kd.sequence_samples}}
     judged = judge_and_real(config, image_data, mesh)
     if autoencoder is not None:
-        out["vqvae"] = vqvae_summary(autoencoder, vq_figures, image_data, judged, config, mesh)
+        out["vqvae"] = vqvae_summary(autoencoder, vq_figures, dataset, judged, config)
     if judged is not None:
         out.update(num_samples=config.eval.num_samples, num_real=int(len(judged[1])),
                    real_split=config.eval.real_split, judge=str(config.eval.judge))
@@ -315,24 +315,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return out
 
 
-def vqvae_summary(autoencoder: tuple[nn.Module, Any], figures: dict[str, float], image_data: data.Dataset,
-                  judged, config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
+def vqvae_summary(autoencoder: tuple[nn.Module, Any], figures: dict[str, float], codes: data.Dataset,
+                  judged, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The VQ-VAE's figures: reconstruction MSE per split, code usage, decoder cost, and (with a judge) FID/KID
-    of its reconstructions of the real set: the ceiling of any prior's samples through this decoder."""
+    of its reconstructions of the real set (the codes already encoded in `codes`, decoded): the ceiling of any
+    prior's samples through this decoder."""
     model, variables = autoencoder
     spec = model.spec
-    codes = np.zeros((1, spec.code_resolution, spec.code_resolution), np.int32)
+    real_codes = np.asarray(to_levels(real_set(codes, config.eval.real_split), spec.num_codes))
     out: dict[str, Any] = {**figures, "num_codes": spec.num_codes, "code_resolution": spec.code_resolution,
-                           "params": cost.count_params(variables),
+                           "params": cost.count_params(variables), "codes_used": int(len(np.unique(real_codes))),
                            "decoder_flops": cost.flops_per_image(
                                lambda v, c: model.apply(v, c, method=type(model).decode_codes), variables,
-                               np.zeros((8, *codes.shape[1:]), np.int32), batch_size=8)}
+                               np.zeros((8, spec.code_resolution, spec.code_resolution), np.int32), batch_size=8)}
     if judged is not None:
         judge, real_pool, resolution = judged
-        real = real_set(image_data, config.eval.real_split)
-        real_codes, _ = vqvae_codes.encode_split(model, variables, data.ArraySource(
-            images.to_uint8(real), np.zeros(len(real), np.int32)), mesh, config.eval_batch_size)
-        out["codes_used"] = int(len(np.unique(real_codes)))
         recon = vqvae_codes.decode(model, variables, real_codes, config.eval_batch_size)
         pool = judge_pool(judge, at_resolution(recon, resolution), config.eval_batch_size)
         out["reconstruction_quality"] = quality_metrics(real_pool, {"feats": {"pool": pool}}, config.seed)

@@ -88,16 +88,19 @@ def train_or_load(config: ml_collections.ConfigDict, workdir: pathlib.Path, data
     return model, state.variables(), finished
 
 
-def encode_split(model: Any, variables: Any, split, mesh: Mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (N, h, h) int32, per-image MSE of the quantised reconstruction (N,)) of every image of a split."""
+def encode_split(model: Any, variables: Any, split, mesh: Mesh, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (N, h, h) int32, per-image MSE of the quantised reconstruction (N,), labels (N,)) of every
+    example of a split, in one pass over it."""
     fn = make_encoder(models.outside_data_parallel(model), mesh)
-    codes, errors = [], []
+    codes, errors, labels = [], [], []
     for batch in data.eval_batches(split, batch_size):
         mask = parallel.to_host(parallel.global_batch(batch["mask"], mesh)) > 0
         c, e = fn(variables, parallel.global_batch(batch["image"], mesh))
         codes.append(parallel.to_host(c)[mask])
         errors.append(parallel.to_host(e)[mask])
-    return np.concatenate(codes), np.concatenate(errors)
+        labels.append(parallel.to_host(parallel.global_batch(batch["label"], mesh))[mask])
+    return np.concatenate(codes), np.concatenate(errors), np.concatenate(labels)
 
 
 def codes_to_uint8(codes: np.ndarray, num_codes: int) -> np.ndarray:
@@ -114,8 +117,7 @@ def code_dataset(model: Any, variables: Any, dataset: data.Dataset, mesh: Mesh, 
         if not len(source):
             splits[name] = ()
             continue
-        codes, err = encode_split(model, variables, source, mesh, batch_size)
-        labels = np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
+        codes, err, labels = encode_split(model, variables, source, mesh, batch_size)
         splits[name] = data.ArraySource(codes_to_uint8(codes, spec.num_codes), labels)
         errors[f"{name}_reconstruction_mse"] = float(err.mean())
     codes = data.Dataset(f"{dataset.name} (VQ-VAE codes)", splits["train"], splits["test"], dataset.num_classes,
