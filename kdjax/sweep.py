@@ -45,6 +45,10 @@ DEFAULT_METRICS = {
                     "student_scratch/test_bits_per_dim", "teacher/fid", "student_kd/fid", "student_seq/fid",
                     "student_scratch/fid", "teacher/kid_mean", "student_kd/kid_mean", "student_seq/kid_mean",
                     "student_scratch/kid_mean"],
+    "restoration_kd": ["baseline/psnr", "teacher/psnr", "student_kd/psnr", "student_scratch/psnr", "baseline/ssim",
+                       "teacher/ssim", "student_kd/ssim", "student_scratch/ssim", "student_kd/psnr_vs_teacher",
+                       "student_scratch/psnr_vs_teacher", "validation/student_kd/psnr",
+                       "validation/student_scratch/psnr"],
     "gan": ["steps"],
 }
 

@@ -93,6 +93,28 @@ def test_split_by_image_is_fixed_disjoint_and_never_empty():
         photos.split_by_image(10, 1.0)
 
 
+def test_validation_is_carved_from_the_training_side_and_leaves_the_test_split_alone():
+    images = [np.full((4, 4, 1), k, np.uint8) for k in range(17)]
+    train0, test0 = photos.split_by_image(17, 0.2)
+    train, validation, test = photos.split_photos(images, 0.2, 0.15)
+    names = lambda ims: [int(im[0, 0, 0]) for im in ims]
+    assert names(test) == list(test0)  # the same test photographs as without validation
+    assert len(validation) == 2  # round(14 * 0.15)
+    assert sorted(names(train) + names(validation)) == list(train0)
+    assert set(names(train)).isdisjoint(names(validation))
+    assert photos.split_photos(images, 0.2, 0.15)[1] is not validation and names(
+        photos.split_photos(images, 0.2, 0.15)[1]) == names(validation)  # fixed across calls
+    none = photos.split_photos(images, 0.2, 0.0)
+    assert names(none[0]) == list(train0) and none[1] == []
+    for n, fraction in [(2, 0.01), (2, 0.99), (6, 0.5)]:
+        kept, val = photos.carve_validation(np.arange(n), fraction)
+        assert len(kept) >= 1 and len(val) >= 1 and len(kept) + len(val) == n
+    with pytest.raises(ValueError, match="validation_fraction=1.0 must be in"):
+        photos.carve_validation(np.arange(5), 1.0)
+    with pytest.raises(ValueError, match="from 1 training image"):
+        photos.carve_validation(np.arange(1), 0.5)
+
+
 def _tiny_images():
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (12, 15, 3), dtype=np.uint8), rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)]

@@ -51,7 +51,7 @@ def flat_photos(n=10, size=24):
 
 def test_pairs_are_a_function_of_seed_and_step_and_never_read_a_test_photograph():
     images = flat_photos()
-    train_photos, test_photos = photos.split_photos(images, 0.3)
+    train_photos, _, test_photos = photos.split_photos(images, 0.3)
     assert len(test_photos) == 3 and len(train_photos) == 7
     names = lambda ims: {int(np.median(im)) // 20 for im in ims}
     assert names(train_photos).isdisjoint(names(test_photos))
@@ -195,6 +195,9 @@ def test_tiny_run_reports_every_model_and_kd_moves_the_student_to_the_teacher(un
         assert (workdir / name / "bundle" / "model.json").is_file()
     assert saved["teacher"]["params"] > saved["student_kd"]["params"] == saved["student_scratch"]["params"]
     assert saved["num_test_images"] == 2 and saved["test_image_sizes"] == [[32, 32], [32, 32]]
+    # Validation photographs (carved from the training side) are scored the same way, costs aside.
+    assert saved["num_validation_images"] == 2 and set(saved["validation"]) == set(ROWS)
+    assert saved["validation"]["student_kd"]["psnr"] != saved["student_kd"]["psnr"]
     # A tiny run lowers the student's L1 to the teacher's output on the held-out photographs.
     assert saved["student_kd"]["l1_vs_teacher"] < saved["student_init"]["l1_vs_teacher"]
     text = (workdir / "report.md").read_text()
@@ -231,6 +234,7 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     ("data.source=flickr", "config.data.source='flickr' is not a photo source; valid: ['skimage', 'lfw', 'folder']"),
     ("data.source=lfw,data.crop=32", "image 0 is 25 x 25 pixels, smaller than the 32 x 32 crop"),
     ("data.eval_max_side=8", "config.data.eval_max_side=8 must be 0 (whole photographs) or >= config.data.crop=16"),
+    ("data.validation_fraction=1.0", "validation_fraction=1.0): validation_fraction=1.0 must be in [0, 1)"),
 ])
 def test_bad_config_values_fail_before_compute(override, message):
     config = load_config(f"tiny,{override}")

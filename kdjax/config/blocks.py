@@ -142,6 +142,7 @@ def photos_data_config(**overrides) -> ml_collections.ConfigDict:
         channels=3,  # 1 (grey) or 3 (RGB)
         crop=48,  # training crops are crop x crop pixels of the clean photograph (the target)
         test_fraction=0.2,  # held-out fraction of the photographs (a fixed split by whole image)
+        validation_fraction=0.0,  # fraction of the rest set aside (whole images) to choose settings on
         eval_max_side=0,  # > 0: evaluate on centre crops of at most this many pixels a side (0: whole photos)
         num_threads=2,  # background threads cropping and degrading training pairs
     ))

@@ -3,7 +3,8 @@
 Whole photographs of any size, as uint8 (H, W, C) arrays: the real photographs scikit-image ships (offline),
 the 100 LFW faces of `skimage.data.lfw_subset`, or every image file of a folder. Training reads random crops
 (`random_crops`, a pure function of (seed, step)); the train/test split is over whole images
-(`split_by_image`), so no test pixel is ever trained on; evaluation covers whole images in fixed-size tiles
+(`split_by_image`), so no test pixel is ever trained on, and a validation set of whole images can be carved
+from the training side (`carve_validation`) to choose settings on; evaluation covers whole images in fixed-size tiles
 (`tiles`, `untile`).
 
 An image-to-image task trains on pairs: `PairSource` (for grain) makes item i, a pure function of (seed, i),
@@ -115,6 +116,24 @@ def split_by_image(num_images: int, test_fraction: float, seed: int = SPLIT_SEED
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
+def carve_validation(train: np.ndarray, fraction: float, seed: int = SPLIT_SEED + 1) -> tuple[np.ndarray, np.ndarray]:
+    """Whole images of a training split set aside to choose settings on: (train indices, validation indices),
+    sorted. A permutation of `train` from `seed` (fixed, independent of any run seed); its first
+    round(len(train) * fraction) images, clamped to len(train) - 1 when fraction > 0 (and at least 1), are the
+    validation set; fraction 0 gives none. The test split is not touched, so adding validation never changes it.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction={fraction} must be in [0, 1).")
+    train = np.asarray(train)
+    if fraction == 0.0:
+        return np.sort(train), train[:0]
+    if len(train) < 2:
+        raise ValueError(f"Cannot carve a validation set from {len(train)} training image(s); need >= 2.")
+    n_val = min(max(1, round(len(train) * fraction)), len(train) - 1)
+    perm = np.random.default_rng(seed).permutation(train)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
 def check_crop_size(images: Sequence[np.ndarray], crop: int) -> None:
     """Raises ValueError naming the first image smaller than `crop` x `crop` (its index and size)."""
     for i, image in enumerate(images):
@@ -221,18 +240,21 @@ def check_photos_config(cfg: ml_collections.ConfigDict) -> list[np.ndarray]:
         raise ValueError("config.data.folder is empty; data.source='folder' needs a folder of photographs.")
     try:
         images = load_photos(cfg.source, cfg.channels, cfg.folder)
-        split_by_image(len(images), cfg.test_fraction)
+        carve_validation(split_by_image(len(images), cfg.test_fraction)[0], cfg.validation_fraction)
         check_crop_size(images, cfg.crop)
     except ValueError as e:
         raise ValueError(f"config.data (source={cfg.source!r}, crop={cfg.crop}, test_fraction="
-                         f"{cfg.test_fraction}): {e}") from e
+                         f"{cfg.test_fraction}, validation_fraction={cfg.validation_fraction}): {e}") from e
     return images
 
 
-def split_photos(images: Sequence[np.ndarray], test_fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(training photographs, held-out photographs) by `split_by_image`: whole images, the same split in every run."""
+def split_photos(images: Sequence[np.ndarray], test_fraction: float, validation_fraction: float = 0.0
+                 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """(training, validation, test photographs): the test split by `split_by_image`, then `validation_fraction`
+    of the rest by `carve_validation`; whole images, the same split in every run."""
     train, test = split_by_image(len(images), test_fraction)
-    return [images[i] for i in train], [images[i] for i in test]
+    train, validation = carve_validation(train, validation_fraction)
+    return [images[i] for i in train], [images[i] for i in validation], [images[i] for i in test]
 
 
 def degraded_shape(name: str, params: Mapping[str, Any], crop: int, channels: int) -> tuple[int, int]:

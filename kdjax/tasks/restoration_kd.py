@@ -16,7 +16,9 @@ the plain baseline (bicubic upsampling of the input for super-resolution, the ma
 otherwise): PSNR and SSIM against the ground truth (`kdjax.evaluation.restoration.restoration_metrics`: 8-bit,
 Y channel for RGB, a `scale`-pixel border shaved for super-resolution; means over the photographs), PSNR and L1
 against the teacher's output, parameters, FLOPs per image and images/s at 64 x 64 outputs (in the compute
-dtype); `report.json` also scores the student at initialisation (`student_init`). `crops.png` shows the same
+dtype); `report.json` also scores the student at initialisation (`student_init`) and, with
+`config.data.validation_fraction` > 0, every model on the validation photographs (`validation`), carved from the
+training side by whole image, where settings are chosen. `crops.png` shows the same
 crop of a few test photographs through every model.
 """
 
@@ -244,19 +246,35 @@ def crop_grid(pairs: Sequence[dict[str, np.ndarray]], columns: Mapping[str, Sequ
     return np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
 
 
-def evaluate(trained: Mapping[str, tuple[nn.Module, Any]], initial: Any, pairs: Sequence[dict[str, np.ndarray]],
-             scale: int, channels: int) -> tuple[dict[str, Any], np.ndarray]:
-    """(report rows by name, the crops.png grid) for the trained models, the baseline and (scores only) the
-    student at initialisation (`initial`: its variables)."""
+def restorers(trained: Mapping[str, tuple[nn.Module, Any]]) -> dict[str, Callable[[Any, np.ndarray], jax.Array]]:
+    """`restorer` of each trained model; the two students share one (the same network, compiled once)."""
+    fns = {"teacher": restorer(trained["teacher"][0])}
+    fns["student_kd"] = fns["student_scratch"] = restorer(trained["student_kd"][0])
+    return fns
+
+
+def score_all(fns: Mapping[str, Callable], trained: Mapping[str, tuple[nn.Module, Any]],
+              pairs: Sequence[dict[str, np.ndarray]], scale: int, channels: int
+              ) -> tuple[dict[str, dict[str, float]], dict[str, list[np.ndarray]]]:
+    """(`scores` by name, outputs by name) of the trained models and the baseline on `pairs`; every score but
+    the teacher's also against the teacher's outputs."""
     shave = scale if scale > 1 else 0
     targets = [p["target"] for p in pairs]
-    fns = {"teacher": restorer(trained["teacher"][0])}
-    fns["student_kd"] = fns["student_scratch"] = student_fn = restorer(trained["student_kd"][0])  # one network
     outputs = {phase: restore_all(fns[phase], variables, pairs) for phase, (_, variables) in trained.items()}
     outputs["baseline"] = [baseline(p["input"], scale, channels) for p in pairs]
     teacher = outputs["teacher"]
     rows = {name: scores(out, targets, None if name == "teacher" else teacher, shave) for name, out in outputs.items()}
-    rows["student_init"] = scores(restore_all(student_fn, initial, pairs), targets, teacher, shave)
+    return rows, outputs
+
+
+def evaluate(trained: Mapping[str, tuple[nn.Module, Any]], initial: Any, pairs: Sequence[dict[str, np.ndarray]],
+             scale: int, channels: int) -> tuple[dict[str, Any], np.ndarray]:
+    """(report rows by name, the crops.png grid) for the trained models, the baseline and (scores only) the
+    student at initialisation (`initial`: its variables)."""
+    fns = restorers(trained)
+    rows, outputs = score_all(fns, trained, pairs, scale, channels)
+    rows["student_init"] = scores(restore_all(fns["student_kd"], initial, pairs), [p["target"] for p in pairs],
+                                  outputs["teacher"], scale if scale > 1 else 0)
     rows["teacher"].update(model_cost(*trained["teacher"], scale))
     student_cost = model_cost(*trained["student_kd"], scale)  # the same network as student_scratch
     rows["student_kd"].update(student_cost)
@@ -277,8 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     channels, crop = config.data.channels, config.data.crop
     scale, extra = photos.degraded_shape(name, params, crop, channels)
     input_shape = (1, crop // scale, crop // scale, channels + extra)
-    train_photos, test_photos = photos.split_photos(
-        photos.load_photos(config.data.source, channels, config.data.folder), config.data.test_fraction)
+    train_photos, validation_photos, test_photos = photos.split_photos(
+        photos.load_photos(config.data.source, channels, config.data.folder), config.data.test_fraction,
+        config.data.validation_fraction)
     source = photos.PairSource(train_photos, crop, name, params, config.seed)
 
     # The teacher starts from fold_in(key, 0); every student phase from fold_in(key, 1), the same initialisation;
@@ -322,10 +341,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "kd": {"alpha": config.kd.alpha, "w_feat": config.kd.w_feat, "w_fakd": config.kd.w_fakd,
                "pairs": config.kd.pairs},
         "device": cost.device_name(), **rows}
+    if validation_photos:  # the photographs to choose settings on: the same scores, no costs
+        val_pairs = photos.eval_pairs(validation_photos, name, params, scale, config.data.eval_max_side)
+        out["validation"] = score_all(restorers(trained), trained, val_pairs, scale, channels)[0]
+        out["num_validation_images"] = len(val_pairs)
     if jax.process_index() == 0:
         images.save_png(workdir / "crops.png", grid)
-    writer.write_scalars(config.student.train.num_steps,
-                         {f"eval/{m}/{k}": v for m in rows for k, v in rows[m].items()})
+    scalars = {f"eval/{m}/{k}": v for m in rows for k, v in rows[m].items()}
+    scalars.update({f"validation/{m}/{k}": v for m, r in out.get("validation", {}).items() for k, v in r.items()})
+    writer.write_scalars(config.student.train.num_steps, scalars)
     writer.flush()
     report.write_report(workdir, "report", out, report_text(out))
     return out
@@ -367,4 +391,16 @@ def report_text(out: Mapping[str, Any]) -> str:
             f"student_kd: alpha = {kd['alpha']}, w_feat = {kd['w_feat']}, w_fakd = {kd['w_fakd']}, pairs "
             f"'{kd['pairs']}'. The student at initialisation: PSNR {init['psnr']:.2f} dB, L1 vs teacher "
             f"{init['l1_vs_teacher']:.4f}. crops.png columns: {', '.join(CROP_COLUMNS)}; rows: the first "
-            f"{min(CROP_IMAGES, out['num_test_images'])} test photographs.")
+            f"{min(CROP_IMAGES, out['num_test_images'])} test photographs." + validation_text(out))
+
+
+def validation_text(out: Mapping[str, Any]) -> str:
+    """The report's sentence on the validation photographs (where settings are chosen), "" without them."""
+    if "validation" not in out:
+        return ""
+    val = out["validation"]
+    psnrs = ", ".join(f"{name} {val[name]['psnr']:.2f}" for name in ("baseline", "teacher", "student_kd",
+                                                                      "student_scratch"))
+    return (f" Validation ({out['num_validation_images']} photographs set aside from the training side, the ones "
+            f"to choose settings on; same protocol): PSNR (dB) {psnrs}; `report.json` has every score under "
+            "`validation`.")
