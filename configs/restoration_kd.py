@@ -19,7 +19,8 @@ has not been timed. w_fakd = 0.2 is the official FAKD setting (weight 10 on the 
 
 import ml_collections
 
-from kdjax.config import (apply_arg, degradation_config, phase_train_config, photos_data_config, run_config)
+from kdjax.config import (apply_arg, degradation_config, optimizer_config, phase_train_config, photos_data_config,
+                          run_config)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -45,6 +46,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         w_feat=0.01,  # adapted feature matching (MSE after learned 1x1 adapters) over `pairs`; 0 = off
         w_fakd=0.2,  # FAKD (L1 between spatial affinity matrices) over `pairs`; 0 = off
         pairs="hidden1:body4,hidden2:body",  # student:teacher feature maps of the same size ("" = none)
+        # The optional adversarial term (SRGAN-style; 0 = off): a discriminator judging the central 32 x 32
+        # window (the largest power of two <= the crop) of ground truth (real) and the student's output (fake).
+        w_adv=0.0,
+        adv_loss="logistic",  # "logistic" (non-saturating) or "hinge"
+        discriminator=ml_collections.ConfigDict(dict(
+            model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128)))),
+        d_optimizer=optimizer_config("adam", 1e-4, b1=0.9, b2=0.999),
     ))
     return apply_arg(config, arg, VARIANTS, where="configs/restoration_kd.py")
 
@@ -56,6 +64,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.teacher.kwargs.update(dict(num_features=8, num_blocks=2))
     config.student.kwargs.update(dict(features=(8, 4)))
     config.kd.pairs = "hidden1:body1,hidden2:body"
+    config.kd.discriminator.kwargs.update(dict(width=8, width_max=16))
     for block in (config.teacher, config.student):
         block.train.num_steps = 10
         block.train.optimizer.learning_rate = 3e-3

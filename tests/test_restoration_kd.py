@@ -14,7 +14,8 @@ import pytest
 from kdjax import losses, models, train
 from kdjax.core import degradations, parallel, photos
 from kdjax.models import bundles
-from kdjax.steps.restoration import Distillation, init_adapters, make_adapters, make_train_step, objective
+from kdjax.steps.restoration import (Adversary, Distillation, init_adapters, init_discriminator, make_adapters,
+                                     make_train_step, objective)
 from kdjax.steps.state import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -140,7 +141,7 @@ def test_objective_terms_against_numpy(tiny_models):
     x = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
     y = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
     kd = Distillation(teacher, alpha=0.3, w_feat=0.7, w_fakd=1.9, pairs=pairs, adapters=adapters)
-    loss, terms = jax.jit(lambda p, v: objective(student, p, x, y, kd, v))(params, t_vars)
+    loss, terms, _ = jax.jit(lambda p, v: objective(student, p, x, y, kd, v))(params, t_vars)
 
     as_numpy = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
     forward = lambda model: jax.jit(lambda v, x: model.apply(v, x, return_features=True))
@@ -156,32 +157,72 @@ def test_objective_terms_against_numpy(tiny_models):
         np.testing.assert_allclose(terms[name], value, rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(loss, 0.3 * l1_target + 0.7 * l1_teacher + 0.7 * feature + 1.9 * fakd, rtol=1e-5)
     assert 0 < fakd and 0 < feature
-    alone, alone_terms = jax.jit(lambda p: objective(student, p, x, y, None, {}))({"student": s_params})
+    alone, alone_terms, _ = jax.jit(lambda p: objective(student, p, x, y, None, {}))({"student": s_params})
     np.testing.assert_allclose(alone, l1_target, rtol=1e-6)
     assert set(alone_terms) == {"l1_target"}
 
 
-def test_kd_step_on_8_devices_equals_1(tiny_models):
+@pytest.fixture(scope="module")
+def tiny_adversary():
+    """A tiny DCGAN discriminator of 16 x 16 windows (logistic loss, SGD) and its initial model state."""
+    d = models.build_model("dcgan_discriminator", resolution=16, img_channels=1, width=4, width_max=8)
+    adversary = Adversary(d, optax.sgd(0.3), weight=0.6, window=16)
+    return adversary, init_discriminator(adversary, 1, jax.random.key(5, impl="rbg"))
+
+
+def test_adversarial_term_against_numpy(tiny_models, tiny_adversary):
+    """w_adv * softplus(-D(W(S(x)))) on the central 16 x 16 window of 24 x 24 outputs, D's logits from its own
+    apply on the window cut in numpy; the rest of the loss is unchanged."""
+    student, teacher, t_vars, s_params, adapters, adapter_params = tiny_models
+    adversary, d_state = tiny_adversary
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 12, 12, 1)), jnp.float32)
+    y = jnp.asarray(rng.uniform(-1, 1, (2, 24, 24, 1)), jnp.float32)
+    params = {"student": s_params, "adapters": adapter_params}
+    plain = Distillation(teacher, alpha=0.3, w_feat=0.7, w_fakd=1.9, pairs=PAIRS, adapters=adapters)
+    with_adv = Distillation(teacher, alpha=0.3, w_feat=0.7, w_fakd=1.9, pairs=PAIRS, adapters=adapters,
+                            adversary=adversary)
+    run = lambda kd: jax.jit(lambda p, v, d: objective(student, p, x, y, kd, v, d))
+    loss0, terms0, out = run(plain)(params, t_vars, d_state["params"])
+    loss, terms, _ = run(with_adv)(params, t_vars, d_state["params"])
+    window = np.asarray(out)[:, 4:20, 4:20]
+    logits = np.asarray(adversary.discriminator.apply({"params": d_state["params"]}, jnp.asarray(window), None),
+                        np.float64)
+    expected = np.logaddexp(0.0, -logits).mean()
+    np.testing.assert_allclose(terms["adv"], expected, rtol=1e-5)
+    np.testing.assert_allclose(loss, loss0 + 0.6 * expected, rtol=1e-5)
+    assert "adv" not in terms0
+
+
+@pytest.mark.parametrize("adversarial", [False, True], ids=["l1_features", "with_adversary"])
+def test_kd_step_on_8_devices_equals_1(tiny_models, tiny_adversary, adversarial):
     """One SGD step of KD with every term on a batch of 16: 8 devices give the 1-device parameters (a pmean of
-    per-device gradients would make them 8 times too large)."""
+    per-device gradients would make them 8 times too large), the discriminator's too when there is one."""
     student, teacher, t_vars, s_params, adapters, adapter_params = tiny_models
     variables = {"params": {"student": s_params, "adapters": adapter_params}}
-    kd = Distillation(teacher, alpha=0.4, w_feat=0.5, w_fakd=2.0, pairs=PAIRS, adapters=adapters)
+    adversary, d_state = tiny_adversary if adversarial else (None, None)
+    if adversarial:
+        variables["discriminator"] = d_state
+    kd = Distillation(teacher, alpha=0.4, w_feat=0.5, w_fakd=2.0, pairs=PAIRS, adapters=adapters,
+                      adversary=adversary)
+    side = 8 if adversarial else 4
     rng = np.random.default_rng(2)
-    batch = {"input": rng.uniform(-1, 1, (16, 4, 4, 1)).astype(np.float32),
-             "target": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)}
+    batch = {"input": rng.uniform(-1, 1, (16, side, side, 1)).astype(np.float32),
+             "target": rng.uniform(-1, 1, (16, 2 * side, 2 * side, 1)).astype(np.float32)}
     tx = optax.sgd(0.5)
     params = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.make_mesh(devices)
         state = parallel.replicate(TrainState.create(variables, tx), mesh)
-        state, _ = make_train_step(student, tx, mesh, kd)(state, parallel.global_batch(batch, mesh),
-                                                          parallel.replicate(t_vars, mesh))
-        params.append(jax.tree.leaves(parallel.to_host(state.params)))
+        state, metrics = make_train_step(student, tx, mesh, kd)(state, parallel.global_batch(batch, mesh),
+                                                                parallel.replicate(t_vars, mesh))
+        assert ("d_loss" in metrics.compute()) == adversarial
+        params.append(jax.tree.leaves(parallel.to_host((state.params, state.model_state))))
     assert len(jax.devices()) == 8
     for a, b in zip(*params, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not any(np.array_equal(a, b) for a, b in zip(params[0], jax.tree.leaves(variables["params"])))
+    before = jax.tree.leaves((variables["params"], {k: v for k, v in variables.items() if k != "params"}))
+    assert not any(np.array_equal(a, b) for a, b in zip(params[0], before))  # D moved too
 
 
 # ----------------------------------------------------------------------------------------- the task
@@ -234,6 +275,10 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     ("data.source=flickr", "config.data.source='flickr' is not a photo source; valid: ['skimage', 'lfw', 'folder']"),
     ("data.source=lfw,data.crop=32", "image 0 is 25 x 25 pixels, smaller than the 32 x 32 crop"),
     ("data.eval_max_side=8", "config.data.eval_max_side=8 must be 0 (whole photographs) or >= config.data.crop=16"),
+    ("kd.w_adv=0.1,kd.adv_loss=wasserstein", "config.kd.adv_loss='wasserstein'; valid: ['hinge', 'logistic']"),
+    ("kd.w_adv=0.1,kd.discriminator.model=espcn", "config.kd.discriminator.model='espcn'; valid discriminators: "),
+    ("denoise,kd.w_adv=0.1,data.crop=15",
+     "config.kd.discriminator ('dcgan_discriminator') cannot judge the 8 x 8 windows of config.data.crop=15"),
     ("data.validation_fraction=1.0", "validation_fraction=1.0): validation_fraction=1.0 must be in [0, 1)"),
 ])
 def test_bad_config_values_fail_before_compute(override, message):

@@ -6,6 +6,7 @@ map, `FeatureAdapters`, trained with S), minimises on each device
 
     loss = alpha * L1(S(x), y) + (1 - alpha) * L1(S(x), sg(T(x)))
            + w_feat * FM(A(f_S), sg(f_T)) + w_fakd * FAKD(f_S, sg(f_T))
+           + w_adv * g(D(W(S(x))))
 
 - L1 = `losses.l1`, the mean absolute error over pixels and channels (images in [-1, 1]);
 - T the frozen teacher: its variables are a constant argument of the step, never in the optimizer or the
@@ -14,8 +15,13 @@ map, `FeatureAdapters`, trained with S), minimises on each device
   matrices), both over `pairs`: student feature name -> teacher feature name, maps of the same spatial size
   (for EDSR -> ESPCN both at the low resolution). FAKD needs no adapter: an affinity matrix is HW x HW
   whatever the channels. No pairs: both terms are 0.
+- the adversarial term (optional, `Adversary`; SRGAN-style): D any kdjax discriminator, judging the central
+  window W (`central_window`: the largest power of two <= the crop, as kdjax's discriminators take 2^k
+  pixels) of an output; g the generator half of `losses.ADVERSARIAL[loss]` (non-saturating softplus(-D) or
+  hinge -D). D is updated in the same step, after the student, by its own optimizer on the pair's half
+  d(D(W(y)), D(W(sg(S(x))))): the ground truth is real, the student's output fake. D and its optimizer state
+  live in `state.model_state["discriminator"]` (checkpointed, never in the student's optimizer or bundle).
 Without a teacher (the teacher's own phase, and the student from scratch) loss = L1(S(x), y).
-An adversarial term is out of scope for this step (not implemented).
 
 The gradient is that of `lax.pmean(loss, DATA_AXIS)` (`kdjax.steps.shell`), never a pmean of the gradients of a
 per-device loss.
@@ -24,6 +30,7 @@ per-device loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -35,10 +42,41 @@ from jax.sharding import Mesh
 from kdjax import losses
 from kdjax.core.parallel import DATA_AXIS
 from kdjax.steps.distill import FeatureAdapters
+from kdjax.steps.gan import apply_discriminator, discriminator_update
 from kdjax.steps.shell import data_parallel_step
 from kdjax.steps.state import TrainState
 
 ShapeTree = Mapping[str, jax.ShapeDtypeStruct]
+
+
+@dataclasses.dataclass(frozen=True)
+class Adversary:
+    """The optional adversarial term (module docstring): the discriminator D (inputs `window` x `window`), its
+    optimizer, the weight w_adv and the loss pair's name in `losses.ADVERSARIAL`."""
+
+    discriminator: nn.Module
+    tx: optax.GradientTransformation
+    weight: float
+    window: int
+    loss: str = "logistic"
+
+
+def central_window(images: jax.Array, size: int) -> jax.Array:
+    """The central size x size pixels of (B, H, W, C) images (offsets (H - size) // 2, (W - size) // 2)."""
+    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
+    return images[:, top:top + size, left:left + size]
+
+
+def window_size(crop: int) -> int:
+    """The discriminator's input side for crops of `crop` pixels: the largest power of two <= crop."""
+    return 1 << (crop.bit_length() - 1)
+
+
+def adversarial_term(adversary: Adversary, d_params: Any, restored: jax.Array) -> jax.Array:
+    """g(D(W(S(x)))): the generator half of `losses.ADVERSARIAL[adversary.loss]` on the central window."""
+    g_loss_of = losses.ADVERSARIAL[adversary.loss][0]
+    window = central_window(restored, adversary.window)
+    return g_loss_of(apply_discriminator(adversary.discriminator, d_params, {}, window, None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +91,7 @@ class Distillation:
     w_fakd: float = 0.0
     pairs: Mapping[str, str] = dataclasses.field(default_factory=dict)
     adapters: FeatureAdapters | None = None
+    adversary: Adversary | None = None
 
 
 def feature_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[jax.ShapeDtypeStruct, ShapeTree]:
@@ -89,12 +128,13 @@ def matched(student_feats: Mapping[str, jax.Array], teacher_feats: Mapping[str, 
 
 
 def objective(student: nn.Module, params: Any, x: jax.Array, y: jax.Array, kd: Distillation | None,
-              teacher_variables: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The per-device loss (module docstring) and its terms. `params` = {"student": ..., ["adapters": ...]}."""
+              teacher_variables: Any, d_params: Any = None) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """(the per-device loss (module docstring), its terms, the student's output). `params` = {"student": ...,
+    ["adapters": ...]}; `d_params` the discriminator's parameters when `kd.adversary` is set."""
     restored, f_s = student.apply({"params": params["student"]}, x, train=True, return_features=True)
     l1_target = losses.l1(restored, y)
     if kd is None:
-        return l1_target, {"l1_target": l1_target}
+        return l1_target, {"l1_target": l1_target}, restored
     t_restored, f_t = kd.teacher.apply(teacher_variables, x, train=False, return_features=True)
     l1_teacher = losses.l1(restored, jax.lax.stop_gradient(t_restored))
     feature = fakd = jnp.float32(0.0)
@@ -103,28 +143,58 @@ def objective(student: nn.Module, params: Any, x: jax.Array, y: jax.Array, kd: D
         feature = losses.feature_matching(kd.adapters.apply({"params": params["adapters"]}, s_maps), t_maps)
         fakd = losses.fakd(s_maps, t_maps)
     loss = (kd.alpha * l1_target + (1.0 - kd.alpha) * l1_teacher + kd.w_feat * feature + kd.w_fakd * fakd)
-    return loss, {"l1_target": l1_target, "l1_teacher": l1_teacher, "feature": feature, "fakd": fakd}
+    terms = {"l1_target": l1_target, "l1_teacher": l1_teacher, "feature": feature, "fakd": fakd}
+    if kd.adversary is not None:
+        terms["adv"] = adversarial_term(kd.adversary, d_params, restored)
+        loss = loss + kd.adversary.weight * terms["adv"]
+    return loss, terms, restored
 
 
 def metric_names(kd: Distillation | None) -> list[str]:
-    """The step's metrics: loss, l1_target and, with a teacher, l1_teacher, feature, fakd."""
-    return ["loss", "l1_target"] + (["l1_teacher", "feature", "fakd"] if kd is not None else [])
+    """The step's metrics: loss, l1_target and, with a teacher, l1_teacher, feature, fakd; with an adversary
+    adv and the discriminator's d_loss, d_real, d_fake (mean logits)."""
+    names = ["loss", "l1_target"] + (["l1_teacher", "feature", "fakd"] if kd is not None else [])
+    return names + (["adv", "d_loss", "d_real", "d_fake"] if kd is not None and kd.adversary is not None else [])
+
+
+def init_discriminator(adversary: Adversary, channels: int, key: jax.Array) -> dict[str, Any]:
+    """`state.model_state["discriminator"]`: D's initial parameters (for `window`-pixel images of `channels`)
+    and its optimizer state, on the host."""
+    model = adversary.discriminator
+    params = jax.device_get(jax.jit(lambda k: model.init(
+        k, jnp.zeros((1, adversary.window, adversary.window, channels), jnp.float32), None))(key)["params"])
+    return {"params": params, "opt_state": jax.device_get(adversary.tx.init(params))}
 
 
 def make_train_step(student: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     kd: Distillation | None = None) -> Callable:
     """The jitted data-parallel step `(state, batch, teacher_variables) -> (state, metrics)`; `state.params` =
-    {"student": ..., ["adapters": ...]}, `batch` = {"input", "target"}, `teacher_variables` {} without kd."""
-    def per_device(state: TrainState, batch: dict, teacher_variables: Any):
-        def loss_fn(params):
-            loss, terms = objective(student, params, batch["input"], batch["target"], kd, teacher_variables)
-            return jax.lax.pmean(loss, DATA_AXIS), terms
+    {"student": ..., ["adapters": ...]}, `batch` = {"input", "target"}, `teacher_variables` {} without kd;
+    with an adversary `state.model_state["discriminator"]` = {"params", "opt_state"} (`init_discriminator`)."""
+    adversary = kd.adversary if kd is not None else None
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def per_device(state: TrainState, batch: dict, teacher_variables: Any):
+        d = state.model_state.get("discriminator")
+
+        def loss_fn(params):
+            loss, terms, restored = objective(student, params, batch["input"], batch["target"], kd,
+                                              teacher_variables, None if d is None else d["params"])
+            return jax.lax.pmean(loss, DATA_AXIS), (terms, restored)
+
+        (loss, (terms, restored)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics = {"loss": loss, **jax.lax.pmean(terms, DATA_AXIS)}
+        model_state = state.model_state
+        if adversary is not None:  # D's update, after the student's: real = ground truth, fake = sg(S(x))
+            d_apply = functools.partial(apply_discriminator, adversary.discriminator)
+            window = functools.partial(central_window, size=adversary.window)
+            d_params, d_opt, d_aux = discriminator_update(
+                d_apply, adversary.tx, d["params"], d["opt_state"], {}, window(batch["target"]), None,
+                window(jax.lax.stop_gradient(restored)), None, losses.ADVERSARIAL[adversary.loss][1], 0.0)
+            model_state = {**model_state, "discriminator": {"params": d_params, "opt_state": d_opt}}
+            metrics.update({k: d_aux[k] for k in ("d_loss", "d_real", "d_fake")})
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  opt_state=opt_state)
-        return new_state, {"loss": loss, **jax.lax.pmean(terms, DATA_AXIS)}
+                                  opt_state=opt_state, model_state=model_state)
+        return new_state, metrics
 
     return data_parallel_step(per_device, mesh, metric_names(kd))
-

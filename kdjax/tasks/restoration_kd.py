@@ -35,12 +35,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kdjax import models
+from kdjax import losses
 from kdjax.core import degradations, images, optim, parallel, photos, summaries
 from kdjax.evaluation import cost, report
 from kdjax.evaluation.restoration import restoration_metrics
 from kdjax.models import bundles
 from kdjax.steps import loop
-from kdjax.steps.restoration import Distillation, feature_shapes, init_adapters, make_adapters, make_train_step
+from kdjax.steps.restoration import (Adversary, Distillation, feature_shapes, init_adapters, init_discriminator,
+                                     make_adapters, make_train_step, window_size)
 from kdjax.steps.state import TrainState
 from kdjax.tasks import checks
 from kdjax.tasks.phase import model_from_block, run_phase
@@ -130,9 +132,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                  also_taken=("scale", "extra_inputs"))
         checks.check_phase(config[role].train, f"config.{role}.train")
     checks.check_fraction(config.kd.alpha, "config.kd.alpha")
-    for field in ("w_feat", "w_fakd"):
+    for field in ("w_feat", "w_fakd", "w_adv"):
         if not config.kd[field] >= 0:
             raise ValueError(f"config.kd.{field}={config.kd[field]} must be >= 0 (0 turns the term off).")
+    if config.kd.w_adv > 0:
+        check_adversary(config)
     student = build(config.student, channels, scale, extra, jnp.float32)[0]
     check_spec(student, f"config.student (model {config.student.model!r})", channels, scale, extra, name)
     if config.teacher.checkpoint:
@@ -146,6 +150,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_pairs(feature_pairs(config.kd.pairs), student, teacher, (1, crop // scale, crop // scale, channels + extra))
 
 
+def check_adversary(config: ml_collections.ConfigDict) -> None:
+    """`config.kd`'s discriminator, loss and optimizer, for the adversarial term (w_adv > 0)."""
+    if config.kd.adv_loss not in losses.ADVERSARIAL:
+        raise ValueError(f"config.kd.adv_loss={config.kd.adv_loss!r}; valid: {sorted(losses.ADVERSARIAL)}.")
+    checks.check_model_block(config.kd.discriminator, "config.kd.discriminator", "discriminator",
+                             taken_from="config.data.crop and config.data.channels")
+    window = window_size(config.data.crop)
+    discriminator = adversary(config, jnp.float32).discriminator
+    try:
+        jax.eval_shape(lambda k: discriminator.init(k, jnp.zeros((1, window, window, config.data.channels)), None),
+                       jax.random.key(0))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.kd.discriminator ({config.kd.discriminator.model!r}) cannot judge the "
+                         f"{window} x {window} windows of config.data.crop={config.data.crop}: {e}") from e
+    optim.check_optimizer_config(config.kd.d_optimizer, "config.kd.d_optimizer")
+
+
 # ----------------------------------------------------------------------------------------- training
 def initial_params(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array) -> Any:
     """A model's initial parameters for inputs of `input_shape` (jitted init; the key is an explicit draw)."""
@@ -155,12 +176,14 @@ def initial_params(model: nn.Module, input_shape: tuple[int, ...], key: jax.Arra
 
 def train_phase(phase: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, model: nn.Module,
                 initial: dict[str, Any], source: photos.PairSource, mesh: Mesh, writer, budget: loop.StepBudget,
-                kd: Distillation | None = None, teacher_variables: Any = None) -> tuple[dict[str, Any], bool]:
-    """Trains one phase from the parameters `initial` ({"student": ..., ["adapters": ...]}) on pairs of `source`
-    (`kdjax.steps.loop.run`, checkpoints in `workdir/phase`); returns (the model's variables, finished)."""
+                kd: Distillation | None = None, teacher_variables: Any = None,
+                model_state: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+    """Trains one phase from the parameters `initial` ({"student": ..., ["adapters": ...]}) and `model_state`
+    (with an adversary {"discriminator": ...}) on pairs of `source` (`kdjax.steps.loop.run`, checkpoints in
+    `workdir/phase`); returns (the model's variables, finished)."""
     train_cfg = config.teacher.train if phase == "teacher" else config.student.train
     tx = optim.make_optimizer(train_cfg.optimizer, train_cfg.num_steps)
-    state = parallel.replicate(TrainState.create({"params": initial}, tx), mesh)
+    state = parallel.replicate(TrainState.create({"params": initial, **(model_state or {})}, tx), mesh)
     step = make_train_step(model, tx, mesh, kd)
     constants = teacher_variables if kd is not None else {}
     batches = photos.PairBatches(source, train_cfg.batch_size, num_threads=config.data.num_threads)
@@ -169,12 +192,23 @@ def train_phase(phase: str, config: ml_collections.ConfigDict, workdir: pathlib.
     return {"params": state.params["student"]}, finished
 
 
+def adversary(config: ml_collections.ConfigDict, dtype: Any) -> Adversary | None:
+    """The optional adversarial term from `config.kd` (None when w_adv is 0): `kd.discriminator` built for
+    windows of `window_size(crop)` pixels of the data's channels, `kd.d_optimizer` over the student's steps."""
+    if config.kd.w_adv == 0:
+        return None
+    window = window_size(config.data.crop)
+    discriminator, _ = model_from_block(config.kd.discriminator, (window, config.data.channels, 0), dtype)
+    tx = optim.make_optimizer(config.kd.d_optimizer, config.student.train.num_steps)
+    return Adversary(discriminator, tx, config.kd.w_adv, window, config.kd.adv_loss)
+
+
 def distillation(config: ml_collections.ConfigDict, student: nn.Module, teacher: nn.Module,
-                 input_shape: tuple[int, ...]) -> Distillation:
+                 input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> Distillation:
     """The student_kd phase's `Distillation` from `config.kd`."""
     pairs = feature_pairs(config.kd.pairs)
     return Distillation(teacher, config.kd.alpha, config.kd.w_feat, config.kd.w_fakd, pairs,
-                        make_adapters(student, teacher, pairs, input_shape))
+                        make_adapters(student, teacher, pairs, input_shape), adversary(config, dtype))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -301,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     source = photos.PairSource(train_photos, crop, name, params, config.seed)
 
     # The teacher starts from fold_in(key, 0); every student phase from fold_in(key, 1), the same initialisation;
-    # the adapters from fold_in(key, 2).
+    # the adapters from fold_in(key, 2), the discriminator (with an adversarial term) from fold_in(key, 3).
     key = jax.random.key(config.seed)
     if config.teacher.checkpoint:
         teacher, teacher_vars, _ = bundles.load_model(config.teacher.checkpoint, "config.teacher.checkpoint", mesh,
@@ -317,16 +351,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     trained = {"teacher": (teacher, teacher_vars)}
 
     student, student_kwargs = build(config.student, channels, scale, extra, dtype)
-    kd = distillation(config, student, teacher, input_shape)
+    kd = distillation(config, student, teacher, input_shape, dtype)
+    kd_state = ({"discriminator": init_discriminator(kd.adversary, channels, jax.random.fold_in(key, 3))}
+                if kd.adversary is not None else None)
     student_init = initial_params(student, input_shape, jax.random.fold_in(key, 1))
     with_adapters = {"student": student_init}
     if kd.adapters is not None:
         with_adapters["adapters"] = jax.device_get(
             init_adapters(kd.adapters, student, input_shape, jax.random.fold_in(key, 2))["params"])
-    for phase, phase_kd, initial in (("student_kd", kd, with_adapters),
-                                     ("student_scratch", None, {"student": student_init})):
+    for phase, phase_kd, initial, extra_state in (("student_kd", kd, with_adapters, kd_state),
+                                                  ("student_scratch", None, {"student": student_init}, None)):
         variables, finished = train_phase(phase, config, workdir, student, initial, source, mesh, writer, budget,
-                                          phase_kd, teacher_vars)
+                                          phase_kd, teacher_vars, extra_state)
         if not finished:
             return None
         trained[phase] = (student, variables)
@@ -339,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "num_test_images": len(pairs), "test_image_sizes": [list(p["target"].shape[1:3]) for p in pairs],
         "eval_max_side": config.data.eval_max_side,
         "kd": {"alpha": config.kd.alpha, "w_feat": config.kd.w_feat, "w_fakd": config.kd.w_fakd,
-               "pairs": config.kd.pairs},
+               "pairs": config.kd.pairs, "w_adv": config.kd.w_adv},
         "device": cost.device_name(), **rows}
     if validation_photos:  # the photographs to choose settings on: the same scores, no costs
         val_pairs = photos.eval_pairs(validation_photos, name, params, scale, config.data.eval_max_side)
@@ -389,7 +425,7 @@ def report_text(out: Mapping[str, Any]) -> str:
             "FLOPs: XLA's count of one "
             f"forward pass at {side}x{side} outputs; images/s at that size, batch {COST_BATCH}, on {out['device']}. "
             f"student_kd: alpha = {kd['alpha']}, w_feat = {kd['w_feat']}, w_fakd = {kd['w_fakd']}, pairs "
-            f"'{kd['pairs']}'. The student at initialisation: PSNR {init['psnr']:.2f} dB, L1 vs teacher "
+            f"'{kd['pairs']}'" + (f", w_adv = {kd['w_adv']}" if kd.get("w_adv") else "") + ". The student at initialisation: PSNR {init['psnr']:.2f} dB, L1 vs teacher "
             f"{init['l1_vs_teacher']:.4f}. crops.png columns: {', '.join(CROP_COLUMNS)}; rows: the first "
             f"{min(CROP_IMAGES, out['num_test_images'])} test photographs." + validation_text(out))
 
