@@ -340,3 +340,52 @@ def fakd(student_feats: Features, teacher_feats: Features) -> jax.Array:
     return jnp.mean(jnp.stack([
         jnp.mean(jnp.abs(feature_affinity(student_feats[k])
                          - jax.lax.stop_gradient(feature_affinity(teacher_feats[k])))) for k in shared]))
+
+
+# --- Variational autoencoders: the KL term of a diagonal Gaussian posterior (`kdjax.steps.vae`).
+
+def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(N(mu, diag(sigma^2)) || N(0, I)) per latent dimension, averaged over every element (batch, positions
+    and channels), in nats:
+
+        KL = mean over elements of 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2),   sigma^2 = exp(logvar),
+
+    the closed form of Kingma & Welling (2014, appendix B), each dimension's term averaged rather than summed,
+    so its weight beta compares with a reconstruction term averaged over pixels (`l1`, `l2`). The sum over a
+    latent of D dimensions is D times this. In float32.
+    """
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    return jnp.mean(0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar))
+
+
+# --- Diffusion: EDM's denoising objective (`kdjax.steps.diffusion` draws sigma and the noise).
+
+def edm_weight(sigma: jax.Array, sigma_data: float) -> jax.Array:
+    """EDM's loss weight (Karras et al. 2022, Table 1): lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2, s_d =
+    sigma_data. It is 1 / c_out(sigma)^2, so lambda ||D - y||^2 = ||F - F_target||^2 with a unit-variance target
+    for the preconditioned network F (`kdjax.models.edm`). In float32."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_loss_per_example(denoised: jax.Array, clean: jax.Array, sigma: jax.Array, sigma_data: float) -> jax.Array:
+    """EDM's denoising loss of each example b, (B,):
+
+        L_b = lambda(sigma_b) * mean over pixels and channels of (D(y_b + sigma_b n_b; sigma_b) - y_b)^2,
+
+    lambda = `edm_weight`. The official code sums over pixels where this averages (a constant factor, H W C).
+
+    Args:
+      denoised: (B, H, W, C) the denoiser's output D(y + sigma n; sigma).
+      clean: (B, H, W, C) the clean images y.
+      sigma: (B,) the noise levels.
+    """
+    err = jnp.square(denoised.astype(jnp.float32) - clean.astype(jnp.float32))
+    return edm_weight(sigma, sigma_data) * jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
+
+
+def edm_loss(denoised: jax.Array, clean: jax.Array, sigma: jax.Array, sigma_data: float) -> jax.Array:
+    """EDM's training objective over a batch: mean_b L_b (`edm_loss_per_example`). With ln sigma ~ N(P_mean,
+    P_std^2) and n ~ N(0, I) drawn by the caller, its expectation is E_{sigma, y, n} lambda(sigma) ||D(y + sigma
+    n; sigma) - y||^2 / (H W C), minimised by D(x; sigma) = E[y | x] at every sigma."""
+    return jnp.mean(edm_loss_per_example(denoised, clean, sigma, sigma_data))

@@ -17,6 +17,9 @@ carries. By kind:
   `--input_shape` -> `images` (B, H * scale, W * scale, C).
 - autoencoder (VQ-VAE): its decoder, `codes` (B, h, h) int32 in [0, num_codes) -> `images` (B, R, R, C), the
   half that turns a prior's sampled codes into images.
+- latent_autoencoder, latent_encoder, latent_decoder (the VAE and its tiny halves): not exportable yet (one
+  clear error).
+- denoiser (a diffusion model's D(x; sigma)): not exportable yet (one clear error).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from kdjax import models
 from kdjax.core.checkpoints import CheckpointError
 from kdjax.deploy.errors import ExportError
 from kdjax.models import bundles
+from kdjax.models.interface import LATENT_KINDS
 
 IMAGES = "NHWC float32 in [-1, 1]"
 
@@ -137,6 +141,12 @@ def from_bundle(path: str, input_shape: Sequence[int] | None = None,
                         "NHWC float32, about [-1, 1], not clipped")
     elif truncation_psi is not None:
         raise ExportError(f"--truncation_psi is for generators; {path!r} holds a {kind} ({name!r}).")
+    elif kind in LATENT_KINDS:
+        raise ExportError(f"--bundle={path!r} holds a {name!r} ({kind}); export of continuous-latent autoencoders "
+                          "and their tiny halves is not implemented yet.")
+    elif kind == "denoiser":
+        raise ExportError(f"--bundle={path!r} holds a {name!r} (denoiser); export of diffusion denoisers (inputs: "
+                          "noisy images and their noise levels) is not implemented yet.")
     elif kind == "autoencoder":  # the deployable half: a prior's sampled codes -> images
         spec = module.spec
         inputs = [Tensor("codes", (spec.code_resolution,) * 2, "int32", f"codebook indices in [0, {spec.num_codes})")]

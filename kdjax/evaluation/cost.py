@@ -148,7 +148,8 @@ def example_inputs(name: str, model: Any, batch_size: int, input_shape: Sequence
     Generators get z (B, z_dim) (their `spec`); everything else gets images (B, *input_shape), with
     input_shape read from the family's resolution and channels fields (`DATA_FIELDS`) unless given.
     Conditional generators, discriminators and autoregressive models also get int labels (B,); a
-    classifier's classes are its output, not an input.
+    classifier's classes are its output, not an input. A denoiser gets noisy images and sigma = 1 (B,) (and
+    labels when conditional): the cost of one network evaluation.
     """
     key = jax.random.key(0)
     kind, fields = models.kind(name), type(model).DATA_FIELDS
@@ -164,6 +165,8 @@ def example_inputs(name: str, model: Any, batch_size: int, input_shape: Sequence
             input_shape = (int(res), int(res), int(ch))
         args = (jax.random.uniform(key, (batch_size, *input_shape), jnp.float32, -1.0, 1.0),)
         num_classes = int(getattr(model, fields["num_classes"])) if kind in ("discriminator", "autoregressive") else 0
+        if kind == "denoiser":  # one forward pass D(x; sigma) at sigma = 1 (a sampler makes NFE of them)
+            args, num_classes = args + (jnp.ones((batch_size,), jnp.float32),), model.spec.num_classes
     if num_classes > 0:
         args = args + (jnp.arange(batch_size, dtype=jnp.int32) % num_classes,)
     return args, {"train": False}

@@ -19,6 +19,12 @@ Conventions shared by all models (see each module's docstring for the details):
 - image-to-image networks (super-resolution, inpainting, enhancement): `__call__(x, *, train=False,
   return_features=False)` maps (B, H, W, in_channels) to (B, H * scale, W * scale, channels)
   (`interface.ImageToImageSpec`);
+- continuous-latent autoencoders (VAE) and their tiny halves: `encode`, `decode` and `__call__(x, *,
+  train=False)` returning a dict with the reconstruction and the latent; a tiny encoder maps images to latents,
+  a tiny decoder latents to images (`interface.LatentAutoencoderSpec`);
+- diffusion denoisers: `__call__(x, sigma, labels=None, *, train=False, return_features=False)` maps noisy
+  images x = y + sigma n (B, H, W, C) and their noise levels sigma (B,) to the estimate D(x; sigma) of y, or
+  `(D, features)` (`interface.DenoiserSpec`); `kdjax.models.diffusion_samplers` turns one into images;
 - randomness only through rng streams (`noise`, `dropout`); non-trainable state in collections
   (`batch_stats`, `w_avg`);
 - each class declares `KIND`, `DATA_FIELDS` and `DATA_PARALLEL_FIELDS`, and each generator a `spec`
@@ -33,9 +39,11 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
-from kdjax.models.interface import KINDS, AutoencoderSpec, AutoregressiveSpec, GeneratorSpec, ImageToImageSpec
+from kdjax.models.interface import (KINDS, AutoencoderSpec, AutoregressiveSpec, DenoiserSpec, GeneratorSpec,
+                                   ImageToImageSpec, LatentAutoencoderSpec)
 
-__all__ = ["REGISTRY", "AutoencoderSpec", "AutoregressiveSpec", "GeneratorSpec", "ImageToImageSpec", "build_model",
+__all__ = ["REGISTRY", "AutoencoderSpec", "AutoregressiveSpec", "DenoiserSpec", "GeneratorSpec", "ImageToImageSpec",
+           "LatentAutoencoderSpec", "build_model",
            "check_model_kwargs", "data_kwargs", "kind",
            "model_class", "model_fields", "names_of_kind", "outside_data_parallel", "data_parallel_kwargs"]
 
@@ -59,6 +67,13 @@ REGISTRY: dict[str, str] = {
     "edsr": "kdjax.models.restoration:EDSR",
     "espcn": "kdjax.models.restoration:ESPCN",
     "unet": "kdjax.models.restoration:UNet",
+    # A convolutional VAE (Kingma & Welling 2014; KL-regularised latent) and its TAESD-style tiny decoder and
+    # encoder (madebyollin/taesd), distilled from it.
+    "vae": "kdjax.models.vae:VAE",
+    "tiny_decoder": "kdjax.models.tiny_autoencoder:TinyDecoder",
+    "tiny_encoder": "kdjax.models.tiny_autoencoder:TinyEncoder",
+    # Diffusion (Karras et al. 2022, EDM): a small U-Net denoiser with EDM's preconditioning.
+    "edm_unet": "kdjax.models.edm:EDMUNet",
 }
 
 

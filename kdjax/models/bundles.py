@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from kdjax import models
 from kdjax.core import parallel
 from kdjax.core.checkpoints import CheckpointError, shape_mismatch, tree_shapes
+from kdjax.models.interface import LATENT_KINDS
 
 
 def save_model_bundle(directory: str | pathlib.Path, model: str, kwargs: dict[str, Any], variables: Any,
@@ -76,12 +77,22 @@ def check_model_bundle(directory: str | pathlib.Path, field: str, kind: str | No
 
 def _init_arguments(model: nn.Module, channels: int) -> tuple[Any, ...]:
     """Arguments of `model.init` for one example: z (and labels) for a generator, an image (and labels) for a
-    discriminator, an image with `channels` channels for a classifier (whose fields do not fix them)."""
+    discriminator, an image with `channels` channels for a classifier (whose fields do not fix them), a latent
+    for a latent decoder, a noisy image and its noise level (and labels) for a denoiser."""
     fields = type(model).DATA_FIELDS
     if model.KIND == "generator":
         args, num_classes = (jnp.zeros((1, model.spec.z_dim)),), model.spec.num_classes
     elif model.KIND == "image_to_image":  # any size; the input may carry extra channels (an inpainting mask)
         args, num_classes = (jnp.zeros((1, 8, 8, model.spec.in_channels)),), 0
+    elif model.KIND == "latent_decoder":  # fully convolutional: any latent size
+        args, num_classes = (jnp.zeros((1, 2, 2, model.spec.latent_channels)),), 0
+    elif model.KIND in LATENT_KINDS:  # an image whose side is a multiple of the factor
+        side = 2 * model.spec.factor
+        args, num_classes = (jnp.zeros((1, side, side, model.spec.channels)),), 0
+    elif model.KIND == "denoiser":  # a noisy image and its noise level
+        spec = model.spec
+        args = (jnp.zeros((1, spec.resolution, spec.resolution, spec.channels)), jnp.ones((1,)))
+        num_classes = spec.num_classes
     else:
         res = getattr(model, fields["resolution"]) if "resolution" in fields else 8
         ch = getattr(model, fields["channels"]) if "channels" in fields else channels

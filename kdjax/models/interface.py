@@ -11,15 +11,22 @@
   (`model.spec`).
 - `AutoencoderSpec`: an autoencoder's image resolution and channels, and the grid and size of its codes.
 - `ImageToImageSpec`: an image-to-image network's input and output channels and its upscaling factor.
-- `KIND` (class attribute): "generator", "discriminator", "classifier", "autoregressive", "autoencoder" or
-  "image_to_image".
+- `LatentAutoencoderSpec`: a continuous-latent autoencoder's (or one half's) image channels, latent channels
+  and downsampling factor.
+- `DenoiserSpec`: a diffusion denoiser's resolution, channels, classes and the data's standard deviation
+  sigma_data (its EDM preconditioning).
+- `KIND` (class attribute): "generator", "discriminator", "classifier", "autoregressive", "autoencoder",
+  "image_to_image", "latent_autoencoder" (a VAE), "latent_encoder" or "latent_decoder" (a tiny half of one),
+  "denoiser" (a diffusion model's denoiser D(x; sigma)).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-KINDS = ("generator", "discriminator", "classifier", "autoregressive", "autoencoder", "image_to_image")
+KINDS = ("generator", "discriminator", "classifier", "autoregressive", "autoencoder", "image_to_image",
+         "latent_autoencoder", "latent_encoder", "latent_decoder", "denoiser")
+LATENT_KINDS = ("latent_autoencoder", "latent_encoder", "latent_decoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +76,31 @@ class ImageToImageSpec:
     in_channels: int
     out_channels: int
     scale: int  # 1 for inpainting and enhancement
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentAutoencoderSpec:
+    """The continuous-latent interface (a VAE and its tiny halves), fully convolutional: images (B, H, W,
+    channels) in [-1, 1], H and W multiples of `factor`, <-> latents (B, H / factor, W / factor,
+    latent_channels). A "latent_autoencoder" has `encode(x) -> (mean, logvar)`, `decode(z) -> images` and
+    `__call__(x, *, train=False)` -> {"reconstruction", "mean", "logvar", "z"}; a "latent_encoder" maps images
+    to latents (`__call__(x, *, train=False)`), a "latent_decoder" latents to images (`__call__(z, *,
+    train=False)`)."""
+
+    channels: int
+    latent_channels: int
+    factor: int  # a power of two: the image side over the latent side
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserSpec:
+    """The diffusion-denoiser interface: `__call__(x, sigma, labels=None, *, train=False, return_features=False)`
+    takes noisy images x = y + sigma * n of shape (B, resolution, resolution, channels) (y in [-1, 1], n ~ N(0, I)),
+    their noise levels sigma (B,) > 0 and labels (B,) when `num_classes > 0`, and returns the denoised estimate
+    D(x; sigma) of y, float32 of x's shape, or `(D, features)` with named intermediate maps. `sigma_data` is the
+    data's standard deviation the preconditioning assumes."""
+
+    resolution: int
+    channels: int
+    num_classes: int  # 0 = unconditional
+    sigma_data: float

@@ -14,6 +14,8 @@ TASKS: dict[str, str] = {
     "distill": "kdjax.tasks.distill",
     "pixelcnn_kd": "kdjax.tasks.pixelcnn_kd",
     "restoration_kd": "kdjax.tasks.restoration_kd",
+    "vae_kd": "kdjax.tasks.vae_kd",
+    "diffusion_teacher": "kdjax.tasks.diffusion_teacher",
 }
 
 
