@@ -209,24 +209,6 @@ def test_bundle_variables_are_checked_against_model_json_before_compute(uninterr
 
 
 # ---------------------------------------------------------------------------------- reproducibility
-@pytest.mark.slow
-def test_cold_and_warm_compilation_cache_give_bitwise_equal_runs(tmp_path):
-    """Two fresh processes, the first compiling everything into an empty persistent cache, the second served
-    from it: the same numbers, bit for bit (the cache stores executables, never results)."""
-    cache = tmp_path / "jax_cache"
-    env = launch_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    cold = launch(TINY, f"--workdir={tmp_path / 'cold'}", cwd=tmp_path, env=env)
-    assert cold.returncode == 0, cold.stderr[-3000:]
-    executables = lambda: {name for name in os.listdir(cache) if name.endswith("-cache")}
-    entries = executables()
-    assert entries  # the cold run filled the cache
-    warm = launch(TINY, f"--workdir={tmp_path / 'warm'}", cwd=tmp_path, env=env)
-    assert warm.returncode == 0, warm.stderr[-3000:]
-    assert executables() == entries  # everything was served from the cache
-    assert_runs_equal(tmp_path / "cold", tmp_path / "warm")
-
-
 # Large enough reductions (BatchNorm over 128 x 16 x 16) for XLA:CPU to sum them differently on 1 thread.
 REDUCTION_SENSITIVE = ("--config.data.resolution=16", "--config.teacher.train.batch_size=128",
                        "--config.student.train.batch_size=128")
@@ -234,19 +216,31 @@ REDUCTION_SENSITIVE = ("--config.data.resolution=16", "--config.teacher.train.ba
 
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"), reason="needs 2 CPUs and taskset")
-def test_runs_do_not_depend_on_how_many_cpus_the_machine_shows(tmp_path):
-    """On 1 CPU the launcher gives XLA a pool of 2 threads (launch.pin_cpu_threads): the run equals the one on
-    all CPUs bitwise. The control, a pool of 1 thread asked for explicitly, differs: the check has teeth."""
+def test_runs_do_not_depend_on_the_compilation_cache_or_how_many_cpus_the_machine_shows(tmp_path):
+    """Fresh processes give the same numbers bit for bit: the first compiling everything into an empty persistent
+    cache, the second served from it (the cache stores executables, never results), a third on 1 CPU, where the
+    launcher gives XLA a pool of 2 threads (launch.pin_cpu_threads). The control, a pool of 1 thread asked for
+    explicitly, differs: the check has teeth."""
+    cache = tmp_path / "jax_cache"
+    env = {k: v for k, v in launch_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1").items()
+           if k not in ("PJRT_NPROC", "NPROC")}
     cpu = str(sorted(os.sched_getaffinity(0))[0])
-    runs = {"all_cpus": [], "one_cpu": ["taskset", "-c", cpu], "pool_of_one": []}
-    for name, prefix in runs.items():
-        env = {k: v for k, v in launch_env().items() if k not in ("PJRT_NPROC", "NPROC")}
-        if name == "pool_of_one":
-            env["PJRT_NPROC"] = "1"
+
+    def run(name, prefix=(), **extra):
         result = subprocess.run([*prefix, sys.executable, str(ROOT / "launch.py"), TINY, *REDUCTION_SENSITIVE,
-                                 f"--workdir={tmp_path / name}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=300)
+                                 f"--workdir={tmp_path / name}"], cwd=tmp_path, env={**env, **extra},
+                                capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert_runs_equal(tmp_path / "all_cpus", tmp_path / "one_cpu")
-    teacher = [bundle_leaves(tmp_path / name / "teacher" / "bundle") for name in ("all_cpus", "pool_of_one")]
+        return tmp_path / name
+
+    executables = lambda: {name for name in os.listdir(cache) if name.endswith("-cache")}
+    cold = run("cold")
+    entries = executables()
+    assert entries  # the cold run filled the cache
+    assert_runs_equal(cold, run("warm"))
+    assert executables() == entries  # everything was served from the cache
+    assert_runs_equal(cold, run("one_cpu", ("taskset", "-c", cpu)))
+    pool_of_one = run("pool_of_one", PJRT_NPROC="1")
+    teacher = [bundle_leaves(path / "teacher" / "bundle") for path in (cold, pool_of_one)]
     assert any(not np.array_equal(a, b) for a, b in zip(*teacher))
