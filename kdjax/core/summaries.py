@@ -1,7 +1,9 @@
 """What a run shows: TensorBoard + console scalars, image summaries (TensorBoard and PNG), progress.
 
 Built on clu: `metric_writers.create_default_writer` (TensorBoard event files plus console lines; only
-process 0 writes, the others just log) and `periodic_actions.ReportProgress` (steps/s and ETA).
+process 0 writes, the others just log) and `periodic_actions.ReportProgress` (steps/s and ETA). Both import
+TensorFlow (for TensorBoard's event files), so they are imported when a writer is made, not with this module:
+a launch that stops at a config error never pays for TensorFlow.
 """
 
 from __future__ import annotations
@@ -10,23 +12,31 @@ import json
 import logging as std_logging
 import pathlib
 import sys
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import numpy as np
 from absl import logging as absl_logging
-from clu import metric_writers, periodic_actions
 
 from kdjax.core.images import image_grid, save_png, to_uint8
 
+if TYPE_CHECKING:
+    from clu import metric_writers, periodic_actions
 
-def create_writer(logdir: str | pathlib.Path) -> metric_writers.MetricWriter:
-    """TensorBoard events in `logdir` and console lines; a logging-only writer on processes > 0."""
-    return metric_writers.create_default_writer(str(logdir), just_logging=jax.process_index() > 0)
+
+def create_writer(logdir: str | pathlib.Path, history: bool = False) -> metric_writers.MetricWriter:
+    """TensorBoard events in `logdir` and console lines; a logging-only writer on processes > 0. With `history`,
+    every scalar also goes to `logdir/metrics.jsonl` (`HistoryWriter`)."""
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(str(logdir), just_logging=jax.process_index() > 0)
+    return metric_writers.MultiWriter([writer, HistoryWriter(logdir)]) if history else writer
 
 
 def progress(num_steps: int, writer: metric_writers.MetricWriter, every_steps: int = 50) -> periodic_actions.ReportProgress:
     """A hook to call every step: reports steps/s and the ETA every `every_steps` steps."""
+    from clu import periodic_actions
+
     return periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=every_steps)
 
 
@@ -44,9 +54,10 @@ def write_images(writer: metric_writers.MetricWriter, workdir: str | pathlib.Pat
             save_png(pathlib.Path(workdir) / "images" / f"{name.replace('/', '_')}_{step:06d}.png", grid)
 
 
-class HistoryWriter(metric_writers.MetricWriter):
+class HistoryWriter:
     """Appends every scalar write to `logdir/metrics.jsonl` (process 0), for plots and reports without
-    TensorBoard. A resumed run appends again from its checkpoint; `read_history` keeps the last value."""
+    TensorBoard. A resumed run appends again from its checkpoint; `read_history` keeps the last value. It has
+    every method of clu's `MetricWriter` interface (the others do nothing), so it goes in a `MultiWriter`."""
 
     def __init__(self, logdir: str | pathlib.Path):
         self.path = pathlib.Path(logdir) / "metrics.jsonl"

@@ -16,13 +16,15 @@ from __future__ import annotations
 import pathlib
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import numpy as np
-from clu import metric_writers
 
 from kdjax.evaluation import fid
+
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 METRICS = ("fid", "kid", "seconds")
 

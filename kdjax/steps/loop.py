@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from absl import logging
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from kdjax.core import checkpoints, parallel, signals, summaries
+
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 
 @dataclasses.dataclass

@@ -18,13 +18,12 @@ Phases, each resumable, in the workdir:
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from clu import metric_writers
 
 from kdjax import losses, models
 from kdjax.config import DISTILL_TERMS, gan_config
@@ -39,6 +38,9 @@ from kdjax.steps import distill as distill_step
 from kdjax.steps import loop
 from kdjax.tasks import checks, gan
 from kdjax.tasks.phase import model_from_block, run_phase
+
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 REPORT_KEYS = ("fid", "kid", "precision", "recall", "fid_vs_teacher_dist", "kid_vs_teacher_dist", "psnr_vs_teacher",
                "ssim_vs_teacher", "params", "flops_per_image", "images_per_s")
@@ -242,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Distils, trains the baseline, evaluates; returns the report (None when stopped early)."""
     workdir = pathlib.Path(workdir)
     dataset = data.load_dataset(config.data)
-    writer = metric_writers.MultiWriter([summaries.create_writer(workdir), summaries.HistoryWriter(workdir)])
+    writer = summaries.create_writer(workdir, history=True)
     budget = loop.StepBudget(config.stop_after_steps)
     frozen = load_frozen(config, parallel.make_mesh())
     real = generator_eval.real_set(dataset, config.eval.real_split)

@@ -4,17 +4,19 @@ run through the shared loop (batches, loop options, resume, logging, checkpoints
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import ml_collections
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from kdjax import models
 from kdjax.core import data
 from kdjax.core.parallel import DATA_AXIS
 from kdjax.steps import loop
+
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 
 def model_from_block(block: ml_collections.ConfigDict, shape: tuple[int, int, int], dtype: Any,
