@@ -389,3 +389,40 @@ def edm_loss(denoised: jax.Array, clean: jax.Array, sigma: jax.Array, sigma_data
     P_std^2) and n ~ N(0, I) drawn by the caller, its expectation is E_{sigma, y, n} lambda(sigma) ||D(y + sigma
     n; sigma) - y||^2 / (H W C), minimised by D(x; sigma) = E[y | x] at every sigma."""
     return jnp.mean(edm_loss_per_example(denoised, clean, sigma, sigma_data))
+
+
+# --- Diffusion distillation: the consistency-distillation distances (`kdjax.steps.consistency`). Progressive
+# distillation's loss is `edm_loss_per_example` with the two-teacher-step target in place of the clean image.
+
+def squared_l2_per_example(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The mean squared difference of each example, (B,): ||a_b - b_b||^2 / d over its d = H W C numbers (the
+    consistency models' L2 distance, averaged where they sum: a constant factor d). In float32."""
+    diff = a.astype(jnp.float32) - b.astype(jnp.float32)
+    return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
+
+
+def pseudo_huber_per_example(a: jax.Array, b: jax.Array, c: float | None = None) -> jax.Array:
+    """The pseudo-Huber distance of each example (Song & Dhariwal 2023, iCT), (B,):
+
+        d(a_b, b_b) = sqrt(||a_b - b_b||^2 + c^2) - c,   c = 0.00054 sqrt(d) by default (d = H W C),
+
+    ~ ||a - b||^2 / (2 c) for ||a - b|| << c and ~ ||a - b|| for ||a - b|| >> c: L2 near 0, robust like L1 away.
+    In float32."""
+    diff = a.astype(jnp.float32) - b.astype(jnp.float32)
+    flat = diff.reshape(diff.shape[0], -1)
+    c = 0.00054 * flat.shape[-1] ** 0.5 if c is None else c
+    return jnp.sqrt(jnp.sum(jnp.square(flat), axis=-1) + c**2) - c
+
+
+CONSISTENCY_DISTANCES = {"l2": squared_l2_per_example, "pseudo_huber": pseudo_huber_per_example}
+
+
+def consistency_loss(student: jax.Array, target: jax.Array, distance: str) -> jax.Array:
+    """Consistency distillation's objective over a batch (Song et al. 2023, eq. 7 with lambda = 1):
+
+        mean_b d(f_theta(x_{n+1,b}; sigma_{n+1,b}), f_target(x_hat_{n,b}; sigma_{n,b})),
+
+    d = `CONSISTENCY_DISTANCES[distance]` ("l2" or "pseudo_huber"). The caller stops the gradient of `target`."""
+    if distance not in CONSISTENCY_DISTANCES:
+        raise ValueError(f"distance={distance!r}; valid: {list(CONSISTENCY_DISTANCES)}.")
+    return jnp.mean(CONSISTENCY_DISTANCES[distance](student, target))

@@ -142,7 +142,7 @@ def test_a_denoiser_bundle_saves_checks_and_loads(small, tmp_path):
     kwargs = {k: v for k, v in SMALL.items()}
     bundles.save_model_bundle(tmp_path / "d", "edm_unet", kwargs, moved)
     assert bundles.check_model_bundle(tmp_path / "d", "teacher", kind="denoiser")["model"] == "edm_unet"
-    assert models.names_of_kind("denoiser") == ["edm_unet"] and models.kind("edm_unet") == "denoiser"
+    assert "edm_unet" in models.names_of_kind("denoiser") and models.kind("edm_unet") == "denoiser"
     with pytest.raises(CheckpointError, match=r"holds a 'edm_unet' \(denoiser\); a generator bundle is needed"):
         bundles.check_model_bundle(tmp_path / "d", "teacher", kind="generator")
     loaded, variables, _ = bundles.load_model(tmp_path / "d")

@@ -166,3 +166,31 @@ def sample(denoise: Denoiser, key: jax.Array, shape: tuple[int, ...], method: st
     check_method(method)
     x = sigmas[0] * jax.random.normal(key, shape, jnp.float32)
     return SAMPLERS[method](denoise, x, sigmas, num_steps)
+
+
+# --- Consistency models (Song, Dhariwal, Chen & Sutskever 2023): sampling with a consistency function.
+
+Consistency = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, H, W, C), sigma (B,)) -> f(x; sigma)
+
+
+def consistency_sample(f: Consistency, key: jax.Array, shape: tuple[int, ...], sigmas: jax.Array,
+                       sigma_min: float = 0.002) -> tuple[jax.Array, jax.Array]:
+    """Multistep consistency sampling (the CM paper's Algorithm 1) with the consistency function `f`:
+
+        x = sigmas[0] n_0,  y = f(x; sigmas[0]);   for tau in sigmas[1:]:  x = y + sqrt(tau^2 - sigma_min^2) n_k,
+        y = f(x; tau),
+
+    n_k ~ N(0, I) drawn from fold_in(key, k). `sigmas` (T,) decreasing, sigmas[0] = sigma_max: T = 1 is one-step
+    sampling. Returns (images y of `shape`, nfe = T)."""
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    x = sigmas[0] * jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+    y = f(x, _full(x, sigmas[0]))
+
+    def body(k, carry):
+        y, nfe = carry
+        tau = sigmas[k]
+        x = y + jnp.sqrt(jnp.maximum(tau**2 - sigma_min**2, 0.0)) * jax.random.normal(
+            jax.random.fold_in(key, k), shape, jnp.float32)
+        return f(x, _full(x, tau)), nfe + 1
+
+    return jax.lax.fori_loop(1, sigmas.shape[0], body, (y, jnp.ones((), jnp.int32)))

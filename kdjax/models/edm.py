@@ -232,3 +232,20 @@ class EDMUNet(nn.Module):
             expand(c_in) * x, c_noise, labels, train)
         denoised = expand(c_skip) * x + expand(c_out) * f
         return (denoised, features) if return_features else denoised
+
+
+def consistency_preconditioning(sigma: jax.Array, sigma_data: float, sigma_min: float
+                                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The consistency-model (c_skip, c_out, c_in, c_noise) (Song, Dhariwal, Chen & Sutskever 2023, appendix C) at
+    noise levels `sigma` >= sigma_min, in float32:
+
+        c_skip = s_d^2 / ((sigma - sigma_min)^2 + s_d^2),  c_out = s_d (sigma - sigma_min) / sqrt(s_d^2 + sigma^2),
+
+    c_in and c_noise as EDM's (`preconditioning`). c_skip(sigma_min) = 1 and c_out(sigma_min) = 0, so f(x; sigma_min)
+    = x whatever the network outputs: the consistency function's boundary condition."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    _, _, c_in, c_noise = preconditioning(sigma, sigma_data)
+    shifted = sigma - sigma_min
+    c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+    c_out = sigma_data * shifted * jax.lax.rsqrt(sigma_data**2 + sigma**2)
+    return c_skip, c_out, c_in, c_noise
