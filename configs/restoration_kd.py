@@ -19,8 +19,8 @@ has not been timed. w_fakd = 0.2 is the official FAKD setting (weight 10 on the 
 
 import ml_collections
 
-from kdjax.config import (apply_arg, degradation_config, optimizer_config, phase_train_config, photos_data_config,
-                          run_config)
+from kdjax.config import (PHOTOS_EDSR_X2, apply_arg, degradation_config, optimizer_config, phase_train_config,
+                          photos_data_config, run_config)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -33,7 +33,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.teacher = ml_collections.ConfigDict(dict(
         model="edsr",
         kwargs=ml_collections.ConfigDict(dict(num_features=64, num_blocks=8)),
-        checkpoint="",  # a bundle of an image_to_image teacher; "" trains one here with `train`
+        # The shipped x2 teacher (kdjax/pretrained/README.md: how it was made); "" trains one here with `train`.
+        checkpoint=str(PHOTOS_EDSR_X2),
         train=phase_train_config(2000, 16, name="adam", learning_rate=5e-4, schedule="cosine"),
     ))
     config.student = ml_collections.ConfigDict(dict(
@@ -61,6 +62,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     """The test-suite size: grey 16-pixel crops at x2, a tiny EDSR and ESPCN, 10 steps per phase, 2 test
     photographs (coins, text) evaluated on 32 x 32 centre crops; seconds end to end."""
     config.data.update(dict(channels=1, crop=16, test_fraction=0.1, eval_max_side=32, num_threads=1))
+    config.teacher.checkpoint = ""  # a tiny grey teacher, trained in the run
     config.teacher.kwargs.update(dict(num_features=8, num_blocks=2))
     config.student.kwargs.update(dict(features=(8, 4)))
     config.kd.pairs = "hidden1:body1,hidden2:body"
@@ -74,19 +76,22 @@ def tiny(config: ml_collections.ConfigDict) -> None:
 def teacher(config: ml_collections.ConfigDict) -> None:
     """The run that trains the shipped x2 teacher (`kdjax/pretrained/photos/edsr_x2`): 6000 teacher steps; the
     students get 1 step each, as only the teacher is kept (`workdir/teacher/bundle`)."""
+    config.teacher.checkpoint = ""
     config.teacher.train.num_steps = 6000
     config.student.train.num_steps = 1
 
 
 def x4(config: ml_collections.ConfigDict) -> None:
-    """x4 super-resolution (12 x 12 inputs of the 48 x 48 crops)."""
+    """x4 super-resolution (12 x 12 inputs of the 48 x 48 crops); no shipped x4 teacher: one is trained here."""
     config.degradation.scale = 4
+    config.teacher.checkpoint = ""
 
 
 def unets(config: ml_collections.ConfigDict) -> None:
     """Scale-1 restoration with U-Nets: a (32, 64, 128) teacher, a (16, 32, 64) student, their half- and
     quarter-resolution maps paired (the full-resolution dec0 would make 2304 x 2304 affinity matrices)."""
     config.teacher.model = config.student.model = "unet"
+    config.teacher.checkpoint = ""  # no shipped U-Net teacher: one is trained here
     config.teacher.kwargs = ml_collections.ConfigDict(dict(widths=(32, 64, 128)))
     config.student.kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64)))
     config.kd.pairs = "dec1:dec1,bottleneck:bottleneck"

@@ -8,3 +8,4 @@ DIGITS32_JUDGE = ROOT / "digits32" / "judge"  # ResNet classifier of the digits 
 DIGITS8_PIXELCNN = ROOT / "digits8" / "pixelcnn_teacher"  # gated PixelCNN of the digits at 8x8, 17 levels
 DIGITS32_VQVAE = ROOT / "digits32" / "vqvae"  # VQ-VAE of the digits at 32x32x1: 8x8 grid of 32 codes
 DIGITS32_VQ_PRIOR = ROOT / "digits32" / "vqvae_prior_teacher"  # gated PixelCNN over DIGITS32_VQVAE's codes
+PHOTOS_EDSR_X2 = ROOT / "photos" / "edsr_x2"  # EDSR x2 super-resolution of RGB photographs (scikit-image's)
