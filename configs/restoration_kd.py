@@ -43,7 +43,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train=phase_train_config(2000, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
     ))
     config.kd = ml_collections.ConfigDict(dict(
-        alpha=0.5,  # weight of L1 to the ground truth; 1 - alpha goes to L1 to the teacher's output
+        alpha=0.0,  # weight of L1 to the ground truth (1 - alpha: L1 to the teacher's output); chosen on validation
         w_feat=0.01,  # adapted feature matching (MSE after learned 1x1 adapters) over `pairs`; 0 = off
         w_fakd=0.2,  # FAKD (L1 between spatial affinity matrices) over `pairs`; 0 = off
         pairs="hidden1:body4,hidden2:body",  # student:teacher feature maps of the same size ("" = none)

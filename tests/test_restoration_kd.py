@@ -244,6 +244,7 @@ def test_tiny_run_reports_every_model_and_kd_moves_the_student_to_the_teacher(un
     assert saved["student_kd"]["l1_vs_teacher"] < saved["student_init"]["l1_vs_teacher"]
     text = (workdir / "report.md").read_text()
     assert "| baseline (bicubic) |" in text and "| student_scratch |" in text and "shaved" in text
+    assert re.search(r"The student at initialisation: PSNR \d+\.\d\d dB, L1 vs teacher \d\.\d{4}\.", text), text
     assert (workdir / "crops.png").is_file()
     meta = json.loads((workdir / "student_kd" / "bundle" / "model.json").read_text())
     assert meta["kwargs"]["scale"] == 2 and meta["kwargs"]["extra_inputs"] == 0

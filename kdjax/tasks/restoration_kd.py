@@ -425,7 +425,8 @@ def report_text(out: Mapping[str, Any]) -> str:
             "FLOPs: XLA's count of one "
             f"forward pass at {side}x{side} outputs; images/s at that size, batch {COST_BATCH}, on {out['device']}. "
             f"student_kd: alpha = {kd['alpha']}, w_feat = {kd['w_feat']}, w_fakd = {kd['w_fakd']}, pairs "
-            f"'{kd['pairs']}'" + (f", w_adv = {kd['w_adv']}" if kd.get("w_adv") else "") + ". The student at initialisation: PSNR {init['psnr']:.2f} dB, L1 vs teacher "
+            f"'{kd['pairs']}'" + (f", w_adv = {kd['w_adv']}" if kd.get("w_adv") else "")
+            + f". The student at initialisation: PSNR {init['psnr']:.2f} dB, L1 vs teacher "
             f"{init['l1_vs_teacher']:.4f}. crops.png columns: {', '.join(CROP_COLUMNS)}; rows: the first "
             f"{min(CROP_IMAGES, out['num_test_images'])} test photographs." + validation_text(out))
 
