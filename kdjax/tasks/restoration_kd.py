@@ -34,8 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from kdjax import models
-from kdjax import losses
+from kdjax import losses, models
 from kdjax.core import degradations, images, optim, parallel, photos, summaries
 from kdjax.evaluation import cost, report
 from kdjax.evaluation.restoration import restoration_metrics
