@@ -300,11 +300,10 @@ def score_all(fns: Mapping[str, Callable], trained: Mapping[str, tuple[nn.Module
     return rows, outputs
 
 
-def evaluate(trained: Mapping[str, tuple[nn.Module, Any]], initial: Any, pairs: Sequence[dict[str, np.ndarray]],
-             scale: int, channels: int) -> tuple[dict[str, Any], np.ndarray]:
-    """(report rows by name, the crops.png grid) for the trained models, the baseline and (scores only) the
-    student at initialisation (`initial`: its variables)."""
-    fns = restorers(trained)
+def evaluate(trained: Mapping[str, tuple[nn.Module, Any]], fns: Mapping[str, Callable], initial: Any,
+             pairs: Sequence[dict[str, np.ndarray]], scale: int, channels: int) -> tuple[dict[str, Any], np.ndarray]:
+    """(report rows by name, the crops.png grid) for the trained models (run by `fns`, `restorers`), the baseline
+    and (scores only) the student at initialisation (`initial`: its variables)."""
     rows, outputs = score_all(fns, trained, pairs, scale, channels)
     rows["student_init"] = scores(restore_all(fns["student_kd"], initial, pairs), [p["target"] for p in pairs],
                                   outputs["teacher"], scale if scale > 1 else 0)
@@ -368,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         bundles.save_model_bundle(workdir / phase / "bundle", config.student.model, student_kwargs, variables)
 
     pairs = photos.eval_pairs(test_photos, name, params, scale, config.data.eval_max_side)
-    rows, grid = evaluate(trained, {"params": student_init}, pairs, scale, channels)
+    fns = restorers(trained)  # compiled once per photograph size, for the test and the validation photographs
+    rows, grid = evaluate(trained, fns, {"params": student_init}, pairs, scale, channels)
     out: dict[str, Any] = {
         "data": config.data.source, "channels": channels, "degradation": {"name": name, **params}, "scale": scale,
         "num_test_images": len(pairs), "test_image_sizes": [list(p["target"].shape[1:3]) for p in pairs],
@@ -378,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "device": cost.device_name(), **rows}
     if validation_photos:  # the photographs to choose settings on: the same scores, no costs
         val_pairs = photos.eval_pairs(validation_photos, name, params, scale, config.data.eval_max_side)
-        out["validation"] = score_all(restorers(trained), trained, val_pairs, scale, channels)[0]
+        out["validation"] = score_all(fns, trained, val_pairs, scale, channels)[0]
         out["num_validation_images"] = len(val_pairs)
     if jax.process_index() == 0:
         images.save_png(workdir / "crops.png", grid)
