@@ -1,0 +1,274 @@
+"""One-step distribution-matching distillation (DMD: Yin et al. 2023, "One-step Diffusion with Distribution
+Matching Distillation"; DMD2: Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image
+Synthesis") of a diffusion denoiser teacher, data-parallel and data-free.
+
+A generator G_theta maps latents z ~ N(0, I) (B, z_dim) to images x = G_theta(z) (B, H, W, C) in one step. Its
+distribution p_fake is matched to the teacher's p_real by descending the reverse KL divergence, whose gradient
+(DMD, eq. 7) at noise level sigma is
+
+    grad_theta KL(p_fake,sigma || p_real,sigma) = - E_{z, n} [ (s_real(x_t; sigma) - s_fake(x_t; sigma)) dG/dtheta ],
+    x_t = x + sigma n,   n ~ N(0, I),
+
+with the scores s(x_t; sigma) = (D(x_t; sigma) - x_t) / sigma^2 given by denoisers (Tweedie): D_real = the frozen
+teacher, D_fake = a second denoiser trained online to be the denoiser of the generator's current distribution. So
+the generator moves along s_real - s_fake = (D_real - D_fake) / sigma^2, i.e. against the *distribution-matching
+direction* (`dmd_direction`)
+
+    g_b = w_b (D_fake(x_t,b; sigma_b) - D_real(x_t,b; sigma_b)),   w_b = 1 / max(mean_pixels |x_b - D_real(x_t,b;
+    sigma_b)|, eps),
+
+per example b, everything in it under stop-gradient. w is DMD's normaliser (their weighting_factor, in place of
+the 1 / sigma^2 and the time weighting): the inverse of the teacher's mean absolute denoising error on this
+sample, which puts every noise level on the same scale. eps = `WEIGHT_EPS` only guards a zero error (DMD's
+code takes nan_to_num of 0 / 0 instead). The generator minimises the surrogate (`generator_surrogate`)
+
+    L_G = 0.5 ||x - sg(x - g)||^2 / (B H W C)   (value 0.5 mean g^2),   dL_G / dx = g / (B H W C),
+
+DMD2's form: back-propagated through x = G_theta(z), its gradient is mean_b g_b dG(z_b)/dtheta / (H W C), the
+reverse-KL gradient with each example scaled by the positive factor w_b sigma_b^2. The noise level is drawn per
+example uniformly on EDM's rho = 7 schedule between sigma_min and sigma_max (`dmd_sigma`): sigma = (sigma_max^(1/rho)
++ u (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, u ~ U[0, 1] (DMD and DMD2 draw the timestep uniformly from [0.02
+T, 0.98 T] of the teacher's discrete schedule; sigma_min and sigma_max play that range here).
+
+The fake denoiser D_fake (an EDM-preconditioned denoiser network, `mlp_denoiser` or `edm_unet`) is trained with
+EDM's denoising loss on generator samples (`fake_denoiser_loss`), like the teacher's own training step
+(`kdjax.steps.diffusion`):
+
+    L_fake = mean_b lambda(sigma_b) ||D_fake(x_b + sigma_b n_b; sigma_b) - x_b||^2 / (H W C),   x_b = sg(G(z_b)),
+    ln sigma ~ N(P_mean, P_std^2) (EDM: -1.2, 1.2),   lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2,
+
+minimised by the denoiser of the generator's distribution, D_fake(x; sigma) = E[x_gen | x_gen + sigma n = x]
+(`losses.edm_loss`). (DMD trains it at the generator gradient's timesteps; here at EDM's training levels, as the
+teacher was trained.) DMD2's two-time-scale update rule: each step first updates D_fake `fake_updates_per_step`
+times (each on fresh latents, with the current generator), then G once, against the updated D_fake.
+
+Not built here: DMD's regression loss on teacher-sampled (noise, image) pairs (DMD2 drops it), and DMD2's GAN term
+(a discriminator on the fake denoiser's features, fed real data). The generator has no EMA and no mutable
+collections (no BatchNorm statistics).
+
+The step is data-free: `batch` only carries the global batch size (`latent_batch`). All the step's random numbers
+(for each fake update: z, labels, sigma, n; for the generator: z, labels, sigma, n) are drawn for the global batch
+from fold_in(fold_in(key, step), DRAW_SALT) (`kdjax.steps.shell`), so a run does not depend on the device count
+and a resumed run draws the same numbers; dropout, if a network has it, draws from fold_in(fold_in(fold_in(key,
+step), device index), i), i numbering the step's network calls. Every gradient is that of a `lax.pmean(loss,
+DATA_AXIS)` (the shard_map gradient trap). Labels (conditional generators) are drawn uniformly and given to the
+generator, the teacher and D_fake.
+
+Metrics: `generator_loss` (L_G's value, 0.5 mean g^2) and `fake_loss` (L_fake, averaged over the step's updates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from kdjax import losses
+from kdjax.core.parallel import DATA_AXIS
+from kdjax.steps.progressive import Teacher, expand
+from kdjax.steps.shell import DRAW_SALT, Draw, data_parallel_step
+
+METRICS = ("generator_loss", "fake_loss")
+WEIGHT_EPS = 1e-8  # the smallest mean |x - D_real| the normaliser divides by
+
+
+@flax.struct.dataclass
+class DMDState:
+    step: jax.Array  # int32 scalar; every random draw is fold_in(key, step)
+    generator: Any  # G_theta's parameters
+    generator_opt: Any
+    fake: Any  # D_fake's parameters: the denoiser of the generator's distribution, trained online
+    fake_opt: Any
+
+
+def init_state(generator_params: Any, fake_params: Any, tx_g: optax.GradientTransformation,
+               tx_fake: optax.GradientTransformation) -> DMDState:
+    """The initial state from the generator's and the fake denoiser's initial parameters (copied: the state is
+    donated to the step). DMD starts D_fake from the teacher's parameters when they share a network."""
+    generator_params, fake_params = jax.tree.map(jnp.copy, generator_params), jax.tree.map(jnp.copy, fake_params)
+    return DMDState(step=jnp.zeros((), jnp.int32), generator=generator_params,
+                    generator_opt=tx_g.init(generator_params), fake=fake_params, fake_opt=tx_fake.init(fake_params))
+
+
+def latent_batch(batch_size: int) -> dict[str, np.ndarray]:
+    """The data-free step's batch: only its leading dimension, the global batch size, is read."""
+    return {"image": np.zeros((batch_size, 1), np.float32)}
+
+
+def dmd_sigma(u: jax.Array, sigma_min: float, sigma_max: float, rho: float = 7.0) -> jax.Array:
+    """The noise level of u in [0, 1] on EDM's schedule: (sigma_max^(1/rho) + u (sigma_min^(1/rho) -
+    sigma_max^(1/rho)))^rho; u ~ U[0, 1] gives the distribution the generator's gradient is taken at."""
+    high, low = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (high + jnp.asarray(u, jnp.float32) * (low - high)) ** rho
+
+
+def dmd_weight(x: jax.Array, denoised_real: jax.Array) -> jax.Array:
+    """DMD's normaliser per example, (B,): w_b = 1 / max(mean over pixels and channels of |x_b - D_real(x_t,b;
+    sigma_b)|, WEIGHT_EPS), for x (B, H, W, C) the clean generated samples and D_real the teacher's denoising of
+    their noised x_t."""
+    error = jnp.abs(x.astype(jnp.float32) - denoised_real.astype(jnp.float32))
+    return 1.0 / jnp.maximum(jnp.mean(error.reshape(error.shape[0], -1), axis=-1), WEIGHT_EPS)
+
+
+def dmd_direction(x: jax.Array, denoised_real: jax.Array, denoised_fake: jax.Array, normalise: bool = True
+                  ) -> jax.Array:
+    """The distribution-matching direction (module docstring), (B, H, W, C), under stop-gradient:
+
+        g_b = w_b (D_fake(x_t,b; sigma_b) - D_real(x_t,b; sigma_b))   (w_b = `dmd_weight`, or 1 without `normalise`),
+
+    = w_b sigma_b^2 (s_fake - s_real)(x_t,b): the generator moves x along -g, from the fake score towards the real.
+    It is 0 where the two denoisers agree, i.e. when the generator's distribution is the teacher's."""
+    diff = denoised_fake.astype(jnp.float32) - denoised_real.astype(jnp.float32)
+    if normalise:
+        diff = expand(dmd_weight(x, denoised_real)) * diff
+    return jax.lax.stop_gradient(diff)
+
+
+def generator_surrogate(x: jax.Array, direction: jax.Array) -> jax.Array:
+    """DMD2's generator loss L_G = 0.5 ||x - sg(x - g)||^2 / (B H W C), a scalar whose value is 0.5 mean g^2 and
+    whose gradient with respect to x is g / (B H W C) (up to the float rounding of x - (x - g))."""
+    x = x.astype(jnp.float32)
+    target = jax.lax.stop_gradient(x - direction)
+    return 0.5 * jnp.mean(jnp.square(x - target))
+
+
+def fake_denoiser_loss(denoise: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, sigma: jax.Array,
+                       noise: jax.Array, sigma_data: float) -> jax.Array:
+    """L_fake (module docstring) on generated samples x (B, H, W, C) (under stop-gradient), at noise levels sigma
+    (B,) with n = `noise`: EDM's loss of `denoise(x + sigma n, sigma)` against x (`losses.edm_loss`)."""
+    x = jax.lax.stop_gradient(x.astype(jnp.float32))
+    return losses.edm_loss(denoise(x + expand(sigma) * noise, sigma), x, sigma, sigma_data)
+
+
+def dmd_draw(key: jax.Array, z_dim: int, num_classes: int, image_shape: tuple[int, int, int], fake_updates: int,
+             sigma_min: float, sigma_max: float, rho: float, p_mean: float, p_std: float) -> Draw:
+    """The step's global draws, batch first, from fold_in(fold_in(key, step), DRAW_SALT): for the K =
+    `fake_updates` fake updates z (B, K, z_dim), labels (B, K), sigma (B, K) log-normal and n (B, K, H, W, C);
+    for the generator z (B, z_dim), labels (B,), sigma (B,) (`dmd_sigma`) and n (B, H, W, C). Labels are uniform
+    in [0, num_classes) (zeros when unconditional)."""
+    def draw(step: jax.Array, batch_size: int) -> tuple[jax.Array, ...]:
+        draw_key = jax.random.fold_in(jax.random.fold_in(key, step), DRAW_SALT)
+        part = lambda i: jax.random.fold_in(draw_key, i)
+        classes = max(num_classes, 1)
+        b, k = batch_size, fake_updates
+        return (jax.random.normal(part(0), (b, k, z_dim)),
+                jax.random.randint(part(1), (b, k), 0, classes),
+                jnp.exp(p_mean + p_std * jax.random.normal(part(2), (b, k))),
+                jax.random.normal(part(3), (b, k, *image_shape)),
+                jax.random.normal(part(4), (b, z_dim)),
+                jax.random.randint(part(5), (b,), 0, classes),
+                dmd_sigma(jax.random.uniform(part(6), (b,)), sigma_min, sigma_max, rho),
+                jax.random.normal(part(7), (b, *image_shape)))
+
+    return draw
+
+
+def check_networks(generator: nn.Module, fake: nn.Module) -> None:
+    """Raises ValueError unless the generator's images (by `jax.eval_shape`, no compute) have the fake denoiser's
+    (and so the teacher's) image shape, the two have the same classes, D_fake is EDM-preconditioned and the
+    generator carries no mutable collections."""
+    g_spec, f_spec = generator.spec, fake.spec
+    image_shape = (f_spec.resolution, f_spec.resolution, f_spec.channels)
+    if getattr(fake, "parameterisation", "edm") != "edm":
+        raise ValueError("the fake denoiser must be a denoiser with EDM preconditioning, got parameterisation="
+                         f"{fake.parameterisation!r}.")
+    if g_spec.num_classes != f_spec.num_classes:
+        raise ValueError(f"the generator has num_classes={g_spec.num_classes} but the fake denoiser (and the "
+                         f"teacher) {f_spec.num_classes}.")
+    z = jax.ShapeDtypeStruct((2, g_spec.z_dim), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32) if g_spec.num_classes else None
+    images, variables = jax.eval_shape(lambda k, z, y: generator.init_with_output(k, z, y), jax.random.key(0), z,
+                                       labels)
+    if tuple(images.shape[1:]) != image_shape:
+        raise ValueError(f"the generator makes images of shape {tuple(images.shape[1:])} but the fake denoiser (and "
+                         f"the teacher) works on {image_shape}.")
+    if set(variables) != {"params"}:
+        raise ValueError(f"the generator has mutable collections {sorted(set(variables) - {'params'})}; the "
+                         "distribution-matching step carries only its parameters.")
+
+
+def make_dmd_step(generator: nn.Module, fake: nn.Module, teacher: Teacher, tx_g: optax.GradientTransformation,
+                  tx_fake: optax.GradientTransformation, mesh: Mesh, key: jax.Array, *, sigma_min: float = 0.002,
+                  sigma_max: float = 80.0, rho: float = 7.0, fake_updates_per_step: int = 5,
+                  fake_p_mean: float = -1.2, fake_p_std: float = 1.2) -> Callable:
+    """The jitted data-parallel step `(state, batch, teacher_variables) -> (state, metrics)` (module docstring).
+
+    Args:
+      generator: the one-step generator, `apply(variables, z, labels, train=...)` -> (B, H, W, C) (a generator-kind
+        model such as `mlp_generator.MLPGenerator`), without mutable collections.
+      fake: D_fake, an EDM-preconditioned denoiser with the teacher's image shape and classes (`mlp_denoiser`,
+        `edm_unet`); its initial parameters are the state's (the teacher's, when it has the same network).
+      teacher: the frozen D_real (`progressive.network_teacher(model)`, or a `GaussianMixture` wrapped as
+        `lambda v, x, s, l: mixture(x, s, l)`).
+      tx_g, tx_fake: the two optimizers (DMD2 uses Adam with the same learning rate for both).
+      key: the run's key; every draw from fold_in(fold_in(key, step), DRAW_SALT).
+      sigma_min, sigma_max, rho: the range and schedule of the generator gradient's noise levels (`dmd_sigma`).
+      fake_updates_per_step: D_fake updates before each generator update (DMD2's two-time-scale rule: 5).
+      fake_p_mean, fake_p_std: the log-normal noise levels of D_fake's training (EDM's).
+    `batch` only carries the global batch size: `latent_batch(B)`.
+    """
+    if not 0.0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min={sigma_min} and sigma_max={sigma_max} must satisfy 0 < sigma_min < sigma_max.")
+    if not rho > 0:
+        raise ValueError(f"rho={rho} must be > 0.")
+    if not isinstance(fake_updates_per_step, (int, np.integer)) or fake_updates_per_step < 1:
+        raise ValueError(f"fake_updates_per_step={fake_updates_per_step} must be an integer >= 1.")
+    if not fake_p_std > 0:
+        raise ValueError(f"fake_p_std={fake_p_std} must be > 0.")
+    check_networks(generator, fake)
+    spec, sigma_data = generator.spec, fake.spec.sigma_data
+    image_shape = (spec.resolution, spec.resolution, spec.channels)
+    conditional = spec.num_classes > 0
+
+    def per_device(state: DMDState, batch: dict, z_fake: jax.Array, labels_fake: jax.Array, sigma_fake: jax.Array,
+                   noise_fake: jax.Array, z: jax.Array, labels: jax.Array, sigma: jax.Array, noise: jax.Array,
+                   teacher_variables: Any):
+        del batch  # only its size was read, by the draw
+        device_key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(DATA_AXIS))
+        keys = lambda i: {"dropout": jax.random.fold_in(device_key, i)}
+        label = lambda y: y if conditional else None
+
+        def fake_update(carry, inputs):  # one D_fake update on fresh samples of the current generator
+            params, opt_state = carry
+            i, z_i, labels_i, sigma_i, noise_i = inputs
+            x = generator.apply({"params": state.generator}, z_i, label(labels_i), train=True, rngs=keys(2 * i))
+
+            def loss_fn(params):
+                denoise = lambda v, s: fake.apply({"params": params}, v, s, label(labels_i), train=True,
+                                                  rngs=keys(2 * i + 1))
+                return jax.lax.pmean(fake_denoiser_loss(denoise, x, sigma_i, noise_i, sigma_data), DATA_AXIS)
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx_fake.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        batch_first = lambda a: jnp.moveaxis(a, 1, 0)  # (B, K, ...) -> (K, B, ...)
+        (fake_params, fake_opt), fake_losses = jax.lax.scan(
+            fake_update, (state.fake, state.fake_opt),
+            (jnp.arange(fake_updates_per_step), *map(batch_first, (z_fake, labels_fake, sigma_fake, noise_fake))))
+
+        def generator_loss(params):
+            x = generator.apply({"params": params}, z, label(labels), train=True, rngs=keys(2 * fake_updates_per_step))
+            x_t = jax.lax.stop_gradient(x) + expand(sigma) * noise
+            real = teacher(teacher_variables, x_t, sigma, label(labels))
+            fake_denoised = fake.apply({"params": fake_params}, x_t, sigma, label(labels))
+            direction = dmd_direction(jax.lax.stop_gradient(x), real, fake_denoised)
+            return jax.lax.pmean(generator_surrogate(x, direction), DATA_AXIS)
+
+        g_loss, grads = jax.value_and_grad(generator_loss)(state.generator)
+        updates, g_opt = tx_g.update(grads, state.generator_opt, state.generator)
+        g_params = optax.apply_updates(state.generator, updates)
+        new_state = state.replace(step=state.step + 1, generator=g_params, generator_opt=g_opt, fake=fake_params,
+                                  fake_opt=fake_opt)
+        return new_state, {"generator_loss": g_loss, "fake_loss": jnp.mean(fake_losses)}
+
+    draw = dmd_draw(key, spec.z_dim, spec.num_classes, image_shape, fake_updates_per_step, sigma_min, sigma_max, rho,
+                    fake_p_mean, fake_p_std)
+    return data_parallel_step(per_device, mesh, METRICS, draw)
