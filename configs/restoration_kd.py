@@ -8,24 +8,25 @@ EDSR teacher into an ESPCN student, scored by PSNR/SSIM on held-out photographs.
     python launch.py --config=configs/restoration_kd.py:denoise       # Gaussian noise, sigma 25, U-Nets
     python launch.py --config=configs/restoration_kd.py:kd.w_fakd=0   # KD without the FAKD term
 
-Phases (`kdjax/tasks/restoration_kd.py`): the teacher (the shipped EDSR x2 bundle `kdjax/pretrained/photos/edsr_x2`,
-or trained here when `teacher.checkpoint` is "", as `:teacher`, `:x4`, `:inpaint` and `:denoise` do), the student
-with KD (`kdjax/steps/restoration.py`: alpha * L1 to the ground truth + (1 - alpha) * L1 to the teacher's output +
-w_feat * adapted feature MSE + w_fakd * FAKD over `kd.pairs` [+ w_adv * adversarial]), the same student from
-scratch (L1 to the ground truth); then `report.md` (test and validation photographs) and `crops.png`.
+Phases (`kdjax/tasks/restoration_kd.py`): the teacher (the shipped bundles `kdjax/pretrained/photos/edsr_x2`,
+`unet_inpaint`, `unet_denoise`, or trained here when `teacher.checkpoint` is "", as `:teacher` and `:x4` do), the
+student with KD (`kdjax/steps/restoration.py`: alpha * L1 to the ground truth + (1 - alpha) * L1 to the teacher's
+output + w_feat * adapted feature MSE + w_fakd * FAKD over `kd.pairs` [+ w_adv * adversarial]), the same student
+from scratch (L1 to the ground truth); then `report.md` (test and validation photographs) and `crops.png`.
 
 alpha = 0 was chosen on the validation photographs with validation seed 100 (KD student PSNR 41.441 dB; alpha 0.5
 with the feature terms 41.417, alpha 0.5 without them 41.435; scratch 41.381; a wider (96, 48) ESPCN 41.445 at
 twice the FLOPs was not worth it). w_fakd = 0.2 is the official FAKD setting (weight 10 on the sum over 3 maps of
 L1 images in [0, 255]) rescaled to this code's images in [-1, 1] and its mean over maps: 10 * 3 / 127.5. The
 default run took 7.5 minutes on the project's 2 CPU cores (2000 KD steps, 2000 scratch steps, the report); the
-figures over 3 seeds are in the README.
+figures over 3 seeds are in the README. `:inpaint` and `:denoise` use the same recipe, not re-chosen for them
+(13-17 minutes a run with three runs sharing the 2 cores; not timed alone).
 """
 
 import ml_collections
 
-from kdjax.config import (PHOTOS_EDSR_X2, apply_arg, degradation_config, optimizer_config, phase_train_config,
-                          photos_data_config, run_config)
+from kdjax.config import (PHOTOS_EDSR_X2, PHOTOS_UNET_DENOISE, PHOTOS_UNET_INPAINT, apply_arg, degradation_config,
+                          optimizer_config, phase_train_config, photos_data_config, run_config)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -79,8 +80,9 @@ def tiny(config: ml_collections.ConfigDict) -> None:
 
 
 def teacher(config: ml_collections.ConfigDict) -> None:
-    """The run that trains the shipped x2 teacher (`kdjax/pretrained/photos/edsr_x2`): 6000 teacher steps; the
-    students get 1 step each, as only the teacher is kept (`workdir/teacher/bundle`)."""
+    """The run that trains a shipped teacher: `:teacher` the x2 EDSR (`kdjax/pretrained/photos/edsr_x2`),
+    `:inpaint,teacher` and `:denoise,teacher` the U-Nets; 6000 teacher steps, and 1 step for each student, as only
+    the teacher is kept (`workdir/teacher/bundle`)."""
     config.teacher.checkpoint = ""
     config.teacher.train.num_steps = 6000
     config.student.train.num_steps = 1
@@ -92,26 +94,29 @@ def x4(config: ml_collections.ConfigDict) -> None:
     config.teacher.checkpoint = ""
 
 
-def unets(config: ml_collections.ConfigDict) -> None:
-    """Scale-1 restoration with U-Nets: a (32, 64, 128) teacher, a (16, 32, 64) student, their half- and
-    quarter-resolution maps paired (the full-resolution dec0 would make 2304 x 2304 affinity matrices)."""
+def unets(config: ml_collections.ConfigDict, shipped_teacher: str) -> None:
+    """Scale-1 restoration with U-Nets: the shipped (32, 64, 128) teacher, an (8, 16, 32) student (15x fewer
+    FLOPs), their half- and quarter-resolution maps paired (the full-resolution dec0 would make 2304 x 2304
+    affinity matrices)."""
     config.teacher.model = config.student.model = "unet"
-    config.teacher.checkpoint = ""  # no shipped U-Net teacher: one is trained here
+    config.teacher.checkpoint = shipped_teacher  # `:NAME,teacher` trains one here instead
     config.teacher.kwargs = ml_collections.ConfigDict(dict(widths=(32, 64, 128)))
-    config.student.kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64)))
+    config.student.kwargs = ml_collections.ConfigDict(dict(widths=(8, 16, 32)))
     config.kd.pairs = "dec1:dec1,bottleneck:bottleneck"
 
 
 def inpaint(config: ml_collections.ConfigDict) -> None:
-    """Free-form inpainting: DeepFill v2-style strokes (input = masked image + mask channel), U-Nets."""
+    """Free-form inpainting: DeepFill v2-style strokes (input = masked image + mask channel), U-Nets; the shipped
+    teacher `kdjax/pretrained/photos/unet_inpaint`."""
     config.degradation = degradation_config("stroke_inpainting")
-    unets(config)
+    unets(config, str(PHOTOS_UNET_INPAINT))
 
 
 def denoise(config: ml_collections.ConfigDict) -> None:
-    """Denoising: additive Gaussian noise of sigma 25 grey levels, U-Nets."""
+    """Denoising: additive Gaussian noise of sigma 25 grey levels, U-Nets; the shipped teacher
+    `kdjax/pretrained/photos/unet_denoise`."""
     config.degradation = degradation_config("noise", sigma=25.0)
-    unets(config)
+    unets(config, str(PHOTOS_UNET_DENOISE))
 
 
 VARIANTS = {"tiny": tiny, "teacher": teacher, "x4": x4, "inpaint": inpaint, "denoise": denoise}

@@ -1,39 +1,41 @@
 """A VAE teacher distilled into a TAESD-style tiny decoder and tiny encoder, on the scikit-image photographs
-(RGB, 64-pixel crops, factor 4, 4 latent channels), scored by reconstruction PSNR/SSIM on held-out photographs.
+(RGB, 32-pixel training crops, factor 4, 4 latent channels), scored by reconstruction PSNR/SSIM on held-out
+photographs.
 
     python launch.py --config=configs/vae_kd.py
     python launch.py --config=configs/vae_kd.py:tiny           # seconds; what the tests run
+    python launch.py --config=configs/vae_kd.py:teacher        # trains the shipped VAE (only the teacher is kept)
     python launch.py --config=configs/vae_kd.py:digits         # 32x32 digits, test split
     python launch.py --config=configs/vae_kd.py:kd.w_target=0.5   # KD decoder also pulled to the real crop
 
-Phases (`kdjax/tasks/vae_kd.py`): the VAE teacher (`kdjax/steps/vae.py`: L1 reconstruction + beta * KL; trained
-here while `teacher.checkpoint` is ""), the tiny decoder distilled on the teacher's latents (w_teacher * L1 to the
-teacher decoder's image + w_target * L1 to the real crop), the same decoder from scratch (L1 to the real crop),
-the tiny encoder (MSE to the teacher's posterior mean); then `report.md` and `crops.png`. Nothing is tuned yet:
-the budgets, learning rates and beta are first guesses, and the default run has not been run to its end. Measured
-on the 2-core project CPU while other jobs loaded it (load average about 7), batch 16: a teacher step 3.7-3.9 s,
-a tiny-decoder KD step 1.6-2.2 s (it runs the teacher's encoder and decoder too), a scratch step 0.6-1.0 s, a
-tiny-encoder step 0.7-1.1 s: about 3.5 hours for the default budgets there (a launch with 20 teacher and 10
-steps per tiny phase took 4.5 minutes, evaluation included). Not timed on a GPU.
+Phases (`kdjax/tasks/vae_kd.py`): the VAE teacher (the shipped bundle `kdjax/pretrained/photos/vae`, or trained here
+with `kdjax/steps/vae.py`, L1 reconstruction + beta * KL, when `teacher.checkpoint` is ""), the tiny decoder
+distilled on the teacher's latents (w_teacher * L1 to the teacher decoder's image + w_target * L1 to the real
+crop), the same decoder from scratch (L1 to the real crop), the tiny encoder (MSE to the teacher's posterior
+mean); then `report.md` and `crops.png`. Nothing is tuned yet: the budgets, learning rates and beta are first
+guesses. The crops are 32 pixels (with 64, the default run was estimated at 3.5 hours on the project's loaded
+2-core CPU); the networks are fully convolutional and are evaluated on whole photographs (centre crops of at most
+256 pixels).
 """
 
 import ml_collections
 
-from kdjax.config import apply_arg, data_config, phase_train_config, photos_data_config, run_config
+from kdjax.config import PHOTOS_VAE, apply_arg, data_config, phase_train_config, photos_data_config, run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = run_config("vae_kd", log_every=100, checkpoint_every=500)
     # 3 of the 17 photographs held out, 2 of the rest set aside for validation (the same split as
     # configs/restoration_kd.py); evaluated on centre crops of at most 256 pixels.
-    config.data = photos_data_config(source="skimage", channels=3, crop=64, test_fraction=0.2,
+    config.data = photos_data_config(source="skimage", channels=3, crop=32, test_fraction=0.2,
                                      validation_fraction=0.15, eval_max_side=256)
     config.teacher = ml_collections.ConfigDict(dict(
         model="vae",
         # widths per level (factor 2^(levels - 1) = 4), latent channels, GroupNorm groups
         kwargs=ml_collections.ConfigDict(dict(widths=(64, 128, 128), latent_channels=4, res_blocks=1,
                                               norm_groups=8)),
-        checkpoint="",  # a latent_autoencoder bundle; "" trains one here with `train`
+        # The shipped VAE (kdjax/pretrained/README.md: how it was made); "" trains one here with `train`.
+        checkpoint=str(PHOTOS_VAE),
         # weight of the KL term (per latent dimension) against the reconstruction (per pixel); the tiny decoder
         # soft-clamps latents to (-3, 3) as TAESD does, so a larger beta keeps them nearer that range
         beta=1e-3,
@@ -74,12 +76,23 @@ def tiny(config: ml_collections.ConfigDict) -> None:
         block.train.batch_size = 8
         block.train.optimizer.learning_rate = 3e-3
     config.log_every = config.checkpoint_every = 8
+    config.teacher.checkpoint = ""  # a tiny grey VAE, trained in the run
+
+
+def teacher(config: ml_collections.ConfigDict) -> None:
+    """The run that trains the shipped VAE (`kdjax/pretrained/photos/vae`): 4000 teacher steps, and 1 step for
+    each tiny half, as only the teacher is kept (`workdir/teacher/bundle`)."""
+    config.teacher.checkpoint = ""
+    config.teacher.train.num_steps = 4000
+    for role in ("tiny_decoder", "tiny_encoder"):
+        config[role].train.num_steps = 1
 
 
 def digits(config: ml_collections.ConfigDict) -> None:
     """scikit-learn's digits at 32 x 32 (grey), factor 4: the VAE and the tiny halves on the training split,
     scored on the 359 test images (a tenth of the training images for validation)."""
     config.data = data_config(source="digits", resolution=32, channels=1, validation_fraction=0.1)
+    config.teacher.checkpoint = ""  # no shipped digits VAE: one is trained here
     config.teacher.kwargs.update(dict(widths=(32, 64, 64)))
     config.teacher.train.update(dict(num_steps=3000, batch_size=64))
     for role in ("tiny_decoder", "tiny_encoder"):
@@ -87,4 +100,4 @@ def digits(config: ml_collections.ConfigDict) -> None:
         config[role].train.update(dict(num_steps=2000, batch_size=64))
 
 
-VARIANTS = {"tiny": tiny, "digits": digits}
+VARIANTS = {"tiny": tiny, "teacher": teacher, "digits": digits}

@@ -9,3 +9,6 @@ DIGITS8_PIXELCNN = ROOT / "digits8" / "pixelcnn_teacher"  # gated PixelCNN of th
 DIGITS32_VQVAE = ROOT / "digits32" / "vqvae"  # VQ-VAE of the digits at 32x32x1: 8x8 grid of 32 codes
 DIGITS32_VQ_PRIOR = ROOT / "digits32" / "vqvae_prior_teacher"  # gated PixelCNN over DIGITS32_VQVAE's codes
 PHOTOS_EDSR_X2 = ROOT / "photos" / "edsr_x2"  # EDSR x2 super-resolution of RGB photographs (scikit-image's)
+PHOTOS_UNET_INPAINT = ROOT / "photos" / "unet_inpaint"  # U-Net for free-form (stroke) inpainting of RGB photographs
+PHOTOS_UNET_DENOISE = ROOT / "photos" / "unet_denoise"  # U-Net denoising RGB photographs (Gaussian, sigma 25)
+PHOTOS_VAE = ROOT / "photos" / "vae"  # KL-regularised VAE of RGB photographs: factor 4, 4 latent channels
