@@ -345,10 +345,10 @@ def test_a_shipped_teacher_fits_its_config_and_beats_the_plain_baseline(variant,
     assert pathlib.Path(config.teacher.checkpoint) == ROOT / "kdjax" / "pretrained" / "photos" / bundle
     train.check_config(config)
     model, variables, meta = bundles.load_model(config.teacher.checkpoint, "teacher")
-    assert meta["model"] == model_name and model.spec.out_channels == 3
+    scale = config.degradation.get("scale", 1)
+    assert meta["model"] == model_name and model.spec.scale == scale and model.spec.out_channels == 3
     _, _, test_photos = photos.split_photos(photos.load_photos("skimage", 3), config.data.test_fraction,
                                             config.data.validation_fraction)
-    scale = config.degradation.get("scale", 1)
     params = {k: v for k, v in config.degradation.items() if k != "name"}
     (pair,) = photos.eval_pairs(test_photos[:1], config.degradation.name, params, scale, 96)
     restored = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, pair["input"]))
