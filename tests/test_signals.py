@@ -67,11 +67,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Fewer teacher steps than LONG_TEACHER (a later flag wins): a step across 2 processes is slower, and the signal,
+# sent at the first logged step, still lands in the middle (each process must report the stop, or the test fails).
+TWO_PROCESS_TEACHER = ("--config.teacher.train.num_steps=120",)
+
+
 def launch_two_processes(workdir, sig=None):
     """The long-teacher run as 2 processes x 1 device (gloo); with `sig`, sent to process 1 alone once process
     0 logs a training step. Returns each process's (exit status, stderr)."""
     env = launch_env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    args = [TINY, *LONG_TEACHER, f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_port()}",
+    args = [TINY, *LONG_TEACHER, *TWO_PROCESS_TEACHER, f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_port()}",
             "--num_processes=2"]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args, f"--process_id={i}"], cwd=workdir.parent,
                               env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
