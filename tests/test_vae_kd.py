@@ -82,7 +82,9 @@ def test_objective_terms_against_numpy(tiny_models):
 
 def test_decoder_kd_step_on_8_devices_equals_1(tiny_models):
     """One SGD step with both decoder terms on a batch of 16: 8 devices give the 1-device parameters (a pmean
-    of per-device gradients would make them 8 times too large)."""
+    of per-device gradients would make them 8 times too large). The tolerance is float32 round-off: the 8 devices
+    sum the L1 terms' gradients in another order, and at XLA's lowest optimisation level (the test suite's,
+    conftest.py) one bias differed by 2.7e-5 relative."""
     teacher, t_vars, decoder, d_params, _, _ = tiny_models
     kd = TinyDistillation(teacher, "decoder", w_teacher=0.6, w_target=0.5)
     batch = {"image": np.random.default_rng(2).uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)}
@@ -96,7 +98,7 @@ def test_decoder_kd_step_on_8_devices_equals_1(tiny_models):
         params.append(jax.tree.leaves(parallel.to_host(state.params)))
     assert len(jax.devices()) == 8
     for a, b in zip(*params, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert not any(np.array_equal(a, b) for a, b in zip(params[0], jax.tree.leaves(d_params), strict=True))
 
 
