@@ -118,6 +118,8 @@ def test_shapes_at_several_resolutions_without_compute(resolution, widths, atten
     (dict(num_blocks=0), "num_blocks=0 must be >= 1"),
     (dict(dropout=1.0), "dropout=1.0 must be in [0, 1)"),
     (dict(sigma_data=0.0), "sigma_data=0.0 must be > 0"),
+    (dict(sigma_min=0.0), "sigma_min=0.0 must be > 0"),
+    (dict(parameterisation="flow"), "parameterisation='flow'; valid: ['edm', 'consistency']"),
 ])
 def test_bad_fields_raise_one_clear_error(fields, message):
     model = EDMUNet(**{**SMALL, "num_classes": 0, "attention_resolutions": (), **fields})

@@ -6,10 +6,11 @@ from kdjax.config.args import apply_arg
 from kdjax.config.blocks import (DISTILL_TERMS, data_config, degradation_config, distill_config, gan_config,
                                  optimizer_config, phase_train_config, photos_data_config, run_config,
                                  sample_eval_config, vqvae_config)
-from kdjax.pretrained import (DIGITS8_PIXELCNN, DIGITS32_JUDGE, DIGITS32_TEACHER, DIGITS32_VQ_PRIOR, DIGITS32_VQVAE,
-                              PHOTOS_EDSR_X2, PHOTOS_UNET_DENOISE, PHOTOS_UNET_INPAINT, PHOTOS_VAE)
+from kdjax.pretrained import (DIGITS8_PIXELCNN, DIGITS32_DIFFUSION, DIGITS32_JUDGE, DIGITS32_TEACHER,
+                              DIGITS32_VQ_PRIOR, DIGITS32_VQVAE, PHOTOS_EDSR_X2, PHOTOS_UNET_DENOISE, PHOTOS_UNET_INPAINT, PHOTOS_VAE)
 
-__all__ = ["DIGITS8_PIXELCNN", "DIGITS32_JUDGE", "DIGITS32_TEACHER", "DIGITS32_VQ_PRIOR", "DIGITS32_VQVAE",
+__all__ = ["DIGITS8_PIXELCNN", "DIGITS32_DIFFUSION", "DIGITS32_JUDGE", "DIGITS32_TEACHER", "DIGITS32_VQ_PRIOR",
+           "DIGITS32_VQVAE",
            "PHOTOS_EDSR_X2", "PHOTOS_UNET_DENOISE", "PHOTOS_UNET_INPAINT", "PHOTOS_VAE",
            "DISTILL_TERMS", "apply_arg", "data_config",
            "degradation_config", "distill_config",

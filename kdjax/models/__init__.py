@@ -74,6 +74,8 @@ REGISTRY: dict[str, str] = {
     "tiny_encoder": "kdjax.models.tiny_autoencoder:TinyEncoder",
     # Diffusion (Karras et al. 2022, EDM): a small U-Net denoiser with EDM's preconditioning.
     "edm_unet": "kdjax.models.edm:EDMUNet",
+    # DMD's one-step generator: the EDM U-Net's estimate from pure noise, G(z) = D(sigma_max z; sigma_max).
+    "edm_one_step": "kdjax.models.edm:OneStepGenerator",
     # A tiny MLP denoiser (EDM or consistency-model preconditioning) for low-dimensional data: the student of the
     # diffusion distillation methods on an analytic Gaussian-mixture teacher.
     "mlp_denoiser": "kdjax.models.mlp_denoiser:MLPDenoiser",

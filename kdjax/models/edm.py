@@ -28,6 +28,11 @@ F (`UNet`, the submodule "net" of `EDMUNet`; after ADM / EDM's DhariwalUNet, sma
 - GroupNorm groups: min(32, C // 4) for C channels, as in EDM.
 The output conv is initialised to zero, so at initialisation D(x; sigma) = c_skip(sigma) x.
 
+`parameterisation="consistency"` swaps EDM's c_skip and c_out for the consistency model's
+(`consistency_preconditioning`: c_skip(sigma_min) = 1, c_out(sigma_min) = 0), so the network is a consistency
+function f(x; sigma) with f(x; sigma_min) = x. The parameters are the same, so a consistency student starts from a
+denoiser teacher's weights (`kdjax.steps.consistency`).
+
 `__call__(x, sigma, labels=None, *, train=False, return_features=False)` (`interface.DenoiserSpec`): x (B, R, R,
 C), sigma (B,) (or a scalar, used for every row) > 0, labels (B,) int when conditional; returns D(x; sigma)
 float32 (B, R, R, C), or `(D, features)` with "mid" (the middle's map) and f"dec{r}" (the decoder's last map at
@@ -36,6 +41,7 @@ resolution r). Dropout draws from the `dropout` rng stream when `train`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -43,11 +49,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax.models.interface import DenoiserSpec
+from kdjax.models.interface import DenoiserSpec, GeneratorSpec
 
 SKIP_SCALE = math.sqrt(0.5)  # EDM's scaling of every residual sum
 HEAD_CHANNELS = 64  # channels per attention head (at least one head)
 MAX_POSITIONS = 10_000  # the positional embedding's longest period, in units of c_noise
+PARAMETERISATIONS = ("edm", "consistency")  # a denoiser, or a consistency function (`coefficients`)
 
 
 def preconditioning(sigma: jax.Array, sigma_data: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -179,6 +186,8 @@ class EDMUNet(nn.Module):
     num_blocks: int = 2  # residual blocks per level in the encoder (the decoder has one more)
     attention_resolutions: tuple[int, ...] = (8,)  # self-attention after the blocks at these resolutions
     dropout: float = 0.0  # in every residual block, when training (the `dropout` rng stream)
+    parameterisation: str = "edm"  # "edm" (a denoiser) or "consistency" (a consistency function)
+    sigma_min: float = 0.002  # the consistency function's boundary level (parameterisation "consistency")
     dtype: Any = jnp.float32  # compute dtype; parameters and the output are float32
 
     KIND: ClassVar[str] = "denoiser"
@@ -210,8 +219,18 @@ class EDMUNet(nn.Module):
             raise ValueError(f"dropout={self.dropout} must be in [0, 1).")
         if not self.sigma_data > 0:
             raise ValueError(f"sigma_data={self.sigma_data} must be > 0.")
+        if not self.sigma_min > 0:
+            raise ValueError(f"sigma_min={self.sigma_min} must be > 0.")
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"parameterisation={self.parameterisation!r}; valid: {list(PARAMETERISATIONS)}.")
         if self.num_classes < 0 or self.channels < 1:
             raise ValueError(f"num_classes={self.num_classes} must be >= 0 and channels={self.channels} >= 1.")
+
+    def coefficients(self, sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(c_skip, c_out, c_in, c_noise) of the model's parameterisation at `sigma`."""
+        if self.parameterisation == "consistency":
+            return consistency_preconditioning(sigma, self.sigma_data, self.sigma_min)
+        return preconditioning(sigma, self.sigma_data)
 
     @nn.compact
     def __call__(self, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None, *, train: bool = False,
@@ -224,7 +243,7 @@ class EDMUNet(nn.Module):
         if (labels is None) != (self.num_classes == 0):
             raise ValueError(f"labels must be given exactly when num_classes > 0 (num_classes={self.num_classes}).")
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
-        c_skip, c_out, c_in, c_noise = preconditioning(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         expand = lambda c: c[:, None, None, None]
         x = x.astype(jnp.float32)
         f, features = UNet(self.channels, self.num_classes, tuple(self.widths), self.num_blocks,
@@ -249,3 +268,71 @@ def consistency_preconditioning(sigma: jax.Array, sigma_data: float, sigma_min: 
     c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
     c_out = sigma_data * shifted * jax.lax.rsqrt(sigma_data**2 + sigma**2)
     return c_skip, c_out, c_in, c_noise
+
+
+class OneStepGenerator(nn.Module):
+    """A one-step generator made of an EDM U-Net denoiser (DMD's generator: Yin et al. 2023, 2024):
+
+        G(z) = D(sigma_init z; sigma_init),   z (B, R R C) ~ N(0, I) reshaped to (B, R, R, C),
+
+    the denoiser's one-step estimate of a clean image from pure noise at level `sigma_init` (EDM's sigma_max). Its
+    parameters are {"denoiser": the EDMUNet's}, so it starts from a denoiser teacher's weights (`from_denoiser`),
+    as DMD starts its generator. z_dim = R R C. The output is not squashed (a denoiser's estimate is about in [-1,
+    1]); samplers and judges clip it. `__call__(z, labels=None, *, train=False, return_features=False)` follows the
+    generator interface (`interface.GeneratorSpec`); features are the U-Net's ("mid", f"dec{r}")."""
+
+    resolution: int = 32  # from the data
+    channels: int = 1  # from the data
+    num_classes: int = 0  # from the data when conditional
+    sigma_data: float = 0.5
+    widths: tuple[int, ...] = (32, 64, 64)
+    num_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (8,)
+    dropout: float = 0.0
+    sigma_init: float = 80.0  # the noise level the latent is scaled to and the denoiser is called at
+    dtype: Any = jnp.float32
+
+    KIND: ClassVar[str] = "generator"
+    DATA_FIELDS: ClassVar[dict[str, str]] = {"resolution": "resolution", "channels": "channels",
+                                             "num_classes": "num_classes"}
+    DATA_PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def spec(self) -> GeneratorSpec:
+        return GeneratorSpec(self.resolution * self.resolution * self.channels, self.num_classes, self.resolution,
+                             self.channels)
+
+    def denoiser_fields(self) -> dict[str, Any]:
+        """The fields of the U-Net inside (an `EDMUNet`; its variables are this model's params["denoiser"])."""
+        return dict(resolution=self.resolution, channels=self.channels, num_classes=self.num_classes,
+                    sigma_data=self.sigma_data, widths=tuple(self.widths), num_blocks=self.num_blocks,
+                    attention_resolutions=tuple(self.attention_resolutions), dropout=self.dropout, dtype=self.dtype)
+
+    def check(self) -> None:
+        if not self.sigma_init > 0:
+            raise ValueError(f"sigma_init={self.sigma_init} must be > 0.")
+        EDMUNet(**self.denoiser_fields()).check()
+
+    @nn.compact
+    def __call__(self, z: jax.Array, labels: jax.Array | None = None, *, train: bool = False,
+                 return_features: bool = False):
+        """G(z) (class docstring)."""
+        self.check()
+        shape = (self.resolution, self.resolution, self.channels)
+        if z.ndim != 2 or z.shape[1] != self.spec.z_dim:
+            raise ValueError(f"z must have shape (B, {self.spec.z_dim}), got {z.shape}.")
+        x = self.sigma_init * z.astype(jnp.float32).reshape(z.shape[0], *shape)
+        return EDMUNet(**self.denoiser_fields(), name="denoiser")(x, jnp.full((z.shape[0],), self.sigma_init, jnp.float32), labels, train=train,
+                   return_features=return_features)
+
+
+def one_step_kwargs(denoiser_kwargs: dict[str, Any], sigma_init: float) -> dict[str, Any]:
+    """The `OneStepGenerator` fields of an `EDMUNet` with fields `denoiser_kwargs` (e.g. a teacher bundle's
+    kwargs), its parameterisation fields dropped."""
+    fields = {f.name for f in dataclasses.fields(OneStepGenerator)} - {"parent", "name"}
+    return {**{k: v for k, v in denoiser_kwargs.items() if k in fields}, "sigma_init": sigma_init}
+
+
+def from_denoiser(denoiser_params: Any) -> Any:
+    """A `OneStepGenerator`'s params from its EDMUNet's: {"denoiser": params}."""
+    return {"denoiser": denoiser_params}

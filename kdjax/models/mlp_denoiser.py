@@ -28,8 +28,6 @@ import jax.numpy as jnp
 from kdjax.models import edm
 from kdjax.models.interface import DenoiserSpec
 
-PARAMETERISATIONS = ("edm", "consistency")
-
 
 class MLPDenoiser(nn.Module):
     """The MLP denoiser (module docstring). Defaults at 1x1x2: 13,890 parameters."""
@@ -56,8 +54,8 @@ class MLPDenoiser(nn.Module):
 
     def check(self) -> None:
         """Raises ValueError naming the first field that cannot work."""
-        if self.parameterisation not in PARAMETERISATIONS:
-            raise ValueError(f"parameterisation={self.parameterisation!r}; valid: {list(PARAMETERISATIONS)}.")
+        if self.parameterisation not in edm.PARAMETERISATIONS:
+            raise ValueError(f"parameterisation={self.parameterisation!r}; valid: {list(edm.PARAMETERISATIONS)}.")
         if self.width < 1 or self.depth < 1 or self.embedding < 2 or self.embedding % 2:
             raise ValueError(f"width={self.width} and depth={self.depth} must be >= 1 and embedding="
                              f"{self.embedding} even and >= 2.")

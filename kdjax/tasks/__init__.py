@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "restoration_kd": "kdjax.tasks.restoration_kd",
     "vae_kd": "kdjax.tasks.vae_kd",
     "diffusion_teacher": "kdjax.tasks.diffusion_teacher",
+    "diffusion_distill": "kdjax.tasks.diffusion_distill",
 }
 
 
