@@ -52,6 +52,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train=phase_train_config(600, 32, name="adam", learning_rate=1e-4),
     ))
     config.dmd = ml_collections.ConfigDict(dict(
+        # the one-step student: "edm_one_step" (the teacher's network and weights, G(z) = D(sigma_max z; sigma_max),
+        # no kwargs) or any generator model from its own initialisation (e.g. dcgan_generator: diffusion_to_dcgan.py)
+        generator=ml_collections.ConfigDict(dict(model="edm_one_step", kwargs=ml_collections.ConfigDict())),
         fake_updates_per_step=2,  # fake-denoiser updates per generator update (DMD2 uses 5)
         fake_learning_rate=5e-5,  # the fake denoiser's Adam learning rate (the generator's is train's)
         train=phase_train_config(150, 16, name="adam", learning_rate=5e-5),

@@ -34,6 +34,9 @@ def bundles_dir(tmp_path_factory):
     keys = jax.random.split(jax.random.key(1), len(leaves))
     variables = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     bundles.save_model_bundle(root / "teacher", "edm_unet", TEACHER_FIELDS, variables)
+    fields16 = {**TEACHER_FIELDS, "resolution": 16}  # for the DCGAN student (16x16 at least)
+    bundles.save_model_bundle(root / "teacher16", "edm_unet", fields16, edm.EDMUNet(**fields16).init(
+        jax.random.key(3), jnp.zeros((1, 16, 16, 1)), jnp.ones((1,))))
     judge = models.build_model("cnn", num_classes=10, widths=(4, 8))
     bundles.save_model_bundle(root / "judge", "cnn", dict(num_classes=10, widths=(4, 8)),
                               judge.init(jax.random.key(2), jnp.zeros((2, 8, 8, 1))), extra={"input_shape": [8, 8, 1]})
@@ -62,7 +65,7 @@ def runs(bundles_dir, tmp_path_factory):
 EXPECTED = {  # (sampler, NFE) of the student rows of each tiny run
     "progressive": [("progressive 2-step", 2), ("progressive 1-step", 1)],
     "consistency": [("consistency 1-step", 1), ("consistency 2-step", 2)],
-    "dmd": [("DMD2 one-step", 1)],
+    "dmd": [("DMD2 one-step (edm_one_step)", 1)],
 }
 
 
@@ -140,6 +143,37 @@ def test_progressive_stop_and_resume_equals_uninterrupted_bitwise(runs, bundles_
         b = bundles.load_model_bundle(reference / stage / "bundle")[1]
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_dmd_into_the_dcgan_student_carries_its_batch_statistics(bundles_dir, tmp_path):
+    """configs/diffusion_to_dcgan.py:tiny: the DCGAN generator (BatchNorm) trains data-free, its exported bundle
+    holds moved running statistics, and it samples with them: the report's row is its own."""
+    config = train.load_config(f"{ROOT / 'configs' / 'diffusion_to_dcgan.py'}:tiny")
+    config.teacher.bundle = str(bundles_dir / "teacher16")
+    config.async_checkpoints = False
+    diffusion_distill.check_config(config)
+    out = train.train_and_evaluate(config, tmp_path)
+    row = out["rows"][-1]
+    assert (row["model"], row["sampler"], row["nfe"]) == ("dmd", "DMD2 one-step (dcgan_generator)", 1)
+    model, variables, meta = bundles.load_model(row["bundle"])
+    assert meta["model"] == "dcgan_generator" and set(variables) == {"params", "batch_stats"}
+    assert row["params"] == sum(x.size for x in jax.tree.leaves(variables["params"]))
+    initial = model.init(jax.random.key(0), jnp.zeros((2, 16)))["batch_stats"]
+    assert max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(variables["batch_stats"]),
+                                                   jax.tree.leaves(initial))) > 1e-4
+    assert row["flops_per_image"] < out["flops_per_evaluation"]  # the tiny DCGAN is cheaper than one teacher call
+
+
+def test_a_generator_that_cannot_make_the_teachers_images_is_refused(bundles_dir):
+    config = train.load_config(f"{ROOT / 'configs' / 'diffusion_to_dcgan.py'}:tiny")
+    config.teacher.bundle = str(bundles_dir / "teacher16")
+    config.dmd.generator.kwargs.img_channels = 3
+    with pytest.raises(ValueError, match=re.escape("config.dmd.generator.kwargs.img_channels: leave it out")):
+        diffusion_distill.check_config(config)
+    config = train.load_config(f"{ROOT / 'configs' / 'diffusion_to_dcgan.py'}:tiny")
+    config.teacher.bundle, config.data.resolution = str(bundles_dir / "teacher"), 8  # DCGAN: 16x16 at least
+    with pytest.raises(ValueError, match=re.escape("config.dmd.generator: ")):
+        diffusion_distill.check_config(config)
 
 
 BAD = [

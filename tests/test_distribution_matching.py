@@ -11,6 +11,7 @@ devices equals 1, a resumed step equals an uninterrupted one bitwise; bad settin
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -292,6 +293,49 @@ def test_step_on_8_devices_equals_1_and_resumes_bitwise():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_batch_norm_generator_on_8_devices_equals_1_and_its_statistics_move():
+    """A DCGAN generator (BatchNorm, statistics reduced over the data axis) at 16x16x1, 1 fake update, SGD: one step
+    on 8 devices gives the 1-device parameters and running statistics, and the statistics moved from their
+    initial values (the generator's own pass updates them)."""
+    build = lambda axis: DCGANGenerator(z_dim=8, resolution=16, img_channels=1, width=4, width_max=8,
+                                        bn_axis_name=axis)
+    generator, fake = build(parallel.DATA_AXIS), MLPDenoiser(resolution=16, channels=1, sigma_data=0.5)
+    variables = build(None).init(jax.random.key(0), jnp.zeros((2, 8)))
+    f_params = fake.init(jax.random.key(1), jnp.zeros((2, 16, 16, 1)), jnp.ones((2,)))["params"]
+    rng = np.random.default_rng(2)
+    teacher_variables = {"params": jax.tree.map(lambda v: v + np.float32(0.05) * rng.standard_normal(v.shape,
+                                                                                                     np.float32),
+                                                f_params)}
+    tx = optax.sgd(0.05)
+    start = jax.tree.map(np.asarray, dm.init_state(variables["params"], f_params, tx, tx,
+                                                   {"batch_stats": variables["batch_stats"]}))
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.make_mesh(devices)
+        step = dm.make_dmd_step(generator, fake, progressive.network_teacher(fake), tx, tx, mesh, jax.random.key(3),
+                                sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, fake_updates_per_step=1)
+        state, _ = step(parallel.replicate(start, mesh), parallel.global_batch(dm.latent_batch(16), mesh),
+                        parallel.replicate(teacher_variables, mesh))
+        results.append(parallel.to_host(state))
+    one, eight = results
+    assert set(one.generator_state) == {"batch_stats"}
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.generator_state),
+                                                 jax.tree.leaves(start.generator_state))]
+    assert min(moved) > 1e-4
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class CountingGenerator(MLPGenerator):
+    """An MLP generator with a mutable collection the step does not carry."""
+
+    @nn.compact
+    def __call__(self, z, labels=None, *, train=False, return_features=False):
+        calls = self.variable("counters", "calls", lambda: jnp.zeros((), jnp.int32))
+        calls.value += 1
+        return super().__call__(z, labels, train=train, return_features=return_features)
+
+
 # ---------------------------------------------------------------------------------------------- bad settings
 @pytest.mark.parametrize("case,message", [
     ("sigma_order", "sigma_min=10.0 and sigma_max=0.002 must satisfy 0 < sigma_min < sigma_max"),
@@ -306,7 +350,8 @@ def test_step_on_8_devices_equals_1_and_resumes_bitwise():
     ("classes", "the generator has num_classes=10 but the fake denoiser (and the teacher) 0"),
     ("consistency_fake", ("the fake denoiser must be a denoiser with EDM preconditioning, got "
                           "parameterisation='consistency'")),
-    ("batch_norm_generator", "the generator has mutable collections ['batch_stats']"),
+    ("counting_generator", "the generator has mutable collections ['counters']; the distribution-matching step "
+                           "carries only its parameters and BatchNorm statistics ('batch_stats')"),
     ("generator_fields", "z_dim=0 and width=64 must be >= 1, depth=3 >= 0"),
 ])
 def test_bad_settings_fail_with_one_clear_error(case, message):
@@ -324,8 +369,7 @@ def test_bad_settings_fail_with_one_clear_error(case, message):
         "resolution": lambda: make(generator=MLPGenerator(resolution=2)),
         "classes": lambda: make(generator=MLPGenerator(num_classes=10)),
         "consistency_fake": lambda: make(fake=MLPDenoiser(parameterisation="consistency")),
-        "batch_norm_generator": lambda: make(generator=DCGANGenerator(resolution=16, img_channels=2, width=8),
-                                             fake=MLPDenoiser(resolution=16)),
+        "counting_generator": lambda: make(generator=CountingGenerator()),
         "generator_fields": lambda: MLPGenerator(z_dim=0).check(),
     }
     with pytest.raises(ValueError, match=re.escape(message)):

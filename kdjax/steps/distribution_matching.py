@@ -42,9 +42,14 @@ minimised by the denoiser of the generator's distribution, D_fake(x; sigma) = E[
 teacher was trained.) DMD2's two-time-scale update rule: each step first updates D_fake `fake_updates_per_step`
 times (each on fresh latents, with the current generator), then G once, against the updated D_fake.
 
+A generator with BatchNorm (e.g. the DCGAN generator) runs in training mode, on batch statistics, in every pass;
+its running averages (`batch_stats`, the state's `generator_state`) move with the generator's own pass once per
+step (the fake updates' passes leave them as they are), and are what it samples with outside training. Build such
+a generator with its statistics reduced over DATA_AXIS (`models.data_parallel_kwargs`), so that a step does not
+depend on the device count. Other mutable collections are refused.
+
 Not built here: DMD's regression loss on teacher-sampled (noise, image) pairs (DMD2 drops it), and DMD2's GAN term
-(a discriminator on the fake denoiser's features, fed real data). The generator has no EMA and no mutable
-collections (no BatchNorm statistics).
+(a discriminator on the fake denoiser's features, fed real data). The generator has no EMA.
 
 The step is data-free: `batch` only carries the global batch size (`latent_batch`). All the step's random numbers
 (for each fake update: z, labels, sigma, n; for the generator: z, labels, sigma, n) are drawn for the global batch
@@ -86,15 +91,18 @@ class DMDState:
     generator_opt: Any
     fake: Any  # D_fake's parameters: the denoiser of the generator's distribution, trained online
     fake_opt: Any
+    generator_state: Any = flax.struct.field(default_factory=dict)  # G's {"batch_stats": ...}, or {}
 
 
 def init_state(generator_params: Any, fake_params: Any, tx_g: optax.GradientTransformation,
-               tx_fake: optax.GradientTransformation) -> DMDState:
+               tx_fake: optax.GradientTransformation, generator_state: Any = None) -> DMDState:
     """The initial state from the generator's and the fake denoiser's initial parameters (copied: the state is
-    donated to the step). DMD starts D_fake from the teacher's parameters when they share a network."""
+    donated to the step), and the generator's initial batch statistics ({"batch_stats": ...}) if it has them. DMD
+    starts D_fake from the teacher's parameters when they share a network."""
     generator_params, fake_params = jax.tree.map(jnp.copy, generator_params), jax.tree.map(jnp.copy, fake_params)
     return DMDState(step=jnp.zeros((), jnp.int32), generator=generator_params,
-                    generator_opt=tx_g.init(generator_params), fake=fake_params, fake_opt=tx_fake.init(fake_params))
+                    generator_opt=tx_g.init(generator_params), fake=fake_params, fake_opt=tx_fake.init(fake_params),
+                    generator_state=jax.tree.map(jnp.copy, dict(generator_state or {})))
 
 
 def latent_batch(batch_size: int) -> dict[str, np.ndarray]:
@@ -173,7 +181,7 @@ def dmd_draw(key: jax.Array, z_dim: int, num_classes: int, image_shape: tuple[in
 def check_networks(generator: nn.Module, fake: nn.Module) -> None:
     """Raises ValueError unless the generator's images (by `jax.eval_shape`, no compute) have the fake denoiser's
     (and so the teacher's) image shape, the two have the same classes, D_fake is EDM-preconditioned and the
-    generator carries no mutable collections."""
+    generator carries no mutable collections but BatchNorm statistics."""
     g_spec, f_spec = generator.spec, fake.spec
     image_shape = (f_spec.resolution, f_spec.resolution, f_spec.channels)
     if getattr(fake, "parameterisation", "edm") != "edm":
@@ -189,9 +197,10 @@ def check_networks(generator: nn.Module, fake: nn.Module) -> None:
     if tuple(images.shape[1:]) != image_shape:
         raise ValueError(f"the generator makes images of shape {tuple(images.shape[1:])} but the fake denoiser (and "
                          f"the teacher) works on {image_shape}.")
-    if set(variables) != {"params"}:
+    if set(variables) - {"params", "batch_stats"}:
         raise ValueError(f"the generator has mutable collections {sorted(set(variables) - {'params'})}; the "
-                         "distribution-matching step carries only its parameters.")
+                         "distribution-matching step carries only its parameters and BatchNorm statistics "
+                         "('batch_stats').")
 
 
 def make_dmd_step(generator: nn.Module, fake: nn.Module, teacher: Teacher, tx_g: optax.GradientTransformation,
@@ -202,7 +211,8 @@ def make_dmd_step(generator: nn.Module, fake: nn.Module, teacher: Teacher, tx_g:
 
     Args:
       generator: the one-step generator, `apply(variables, z, labels, train=...)` -> (B, H, W, C) (a generator-kind
-        model such as `mlp_generator.MLPGenerator`), without mutable collections.
+        model such as `mlp_generator.MLPGenerator`, `edm.OneStepGenerator` or the DCGAN generator), without mutable
+        collections but BatchNorm statistics (reduced over DATA_AXIS: module docstring).
       fake: D_fake, an EDM-preconditioned denoiser with the teacher's image shape and classes (`mlp_denoiser`,
         `edm_unet`); its initial parameters are the state's (the teacher's, when it has the same network).
       teacher: the frozen D_real (`progressive.network_teacher(model)`, or a `GaussianMixture` wrapped as
@@ -234,11 +244,19 @@ def make_dmd_step(generator: nn.Module, fake: nn.Module, teacher: Teacher, tx_g:
         device_key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(DATA_AXIS))
         keys = lambda i: {"dropout": jax.random.fold_in(device_key, i)}
         label = lambda y: y if conditional else None
+        mutable = list(state.generator_state)  # ["batch_stats"] or []
+
+        def generate(params, z, labels, i):  # (x, updated batch statistics): training mode, batch statistics
+            variables = {"params": params, **state.generator_state}
+            if not mutable:
+                return generator.apply(variables, z, label(labels), train=True, rngs=keys(i)), {}
+            x, updated = generator.apply(variables, z, label(labels), train=True, rngs=keys(i), mutable=mutable)
+            return x, dict(updated)
 
         def fake_update(carry, inputs):  # one D_fake update on fresh samples of the current generator
             params, opt_state = carry
             i, z_i, labels_i, sigma_i, noise_i = inputs
-            x = generator.apply({"params": state.generator}, z_i, label(labels_i), train=True, rngs=keys(2 * i))
+            x, _ = generate(state.generator, z_i, labels_i, 2 * i)
 
             def loss_fn(params):
                 denoise = lambda v, s: fake.apply({"params": params}, v, s, label(labels_i), train=True,
@@ -255,18 +273,18 @@ def make_dmd_step(generator: nn.Module, fake: nn.Module, teacher: Teacher, tx_g:
             (jnp.arange(fake_updates_per_step), *map(batch_first, (z_fake, labels_fake, sigma_fake, noise_fake))))
 
         def generator_loss(params):
-            x = generator.apply({"params": params}, z, label(labels), train=True, rngs=keys(2 * fake_updates_per_step))
+            x, updated = generate(params, z, labels, 2 * fake_updates_per_step)
             x_t = jax.lax.stop_gradient(x) + expand(sigma) * noise
             real = teacher(teacher_variables, x_t, sigma, label(labels))
             fake_denoised = fake.apply({"params": fake_params}, x_t, sigma, label(labels))
             direction = dmd_direction(jax.lax.stop_gradient(x), real, fake_denoised)
-            return jax.lax.pmean(generator_surrogate(x, direction), DATA_AXIS)
+            return jax.lax.pmean(generator_surrogate(x, direction), DATA_AXIS), updated
 
-        g_loss, grads = jax.value_and_grad(generator_loss)(state.generator)
+        (g_loss, g_state), grads = jax.value_and_grad(generator_loss, has_aux=True)(state.generator)
         updates, g_opt = tx_g.update(grads, state.generator_opt, state.generator)
         g_params = optax.apply_updates(state.generator, updates)
         new_state = state.replace(step=state.step + 1, generator=g_params, generator_opt=g_opt, fake=fake_params,
-                                  fake_opt=fake_opt)
+                                  fake_opt=fake_opt, generator_state=g_state)
         return new_state, {"generator_loss": g_loss, "fake_loss": jnp.mean(fake_losses)}
 
     draw = dmd_draw(key, spec.z_dim, spec.num_classes, image_shape, fake_updates_per_step, sigma_min, sigma_max, rho,

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdjax import losses
+from kdjax import losses, models
 from kdjax.core import data, images, optim, parallel, summaries
 from kdjax.evaluation import cost, report
 from kdjax.evaluation.generators import judge_pool, quality_metrics
@@ -50,7 +50,7 @@ from kdjax.models import bundles, diffusion_samplers, edm
 from kdjax.steps import consistency, distribution_matching, loop, progressive
 from kdjax.tasks import checks
 from kdjax.tasks.diffusion_teacher import GRID_SAMPLES, noise_levels, sample_batches
-from kdjax.tasks.phase import run_phase
+from kdjax.tasks.phase import model_from_block, run_phase
 from kdjax.tasks.pixelcnn_kd import at_resolution, check_eval, judge_and_real
 
 METHODS = ("progressive", "consistency", "dmd")
@@ -146,6 +146,20 @@ def check_consistency(config: ml_collections.ConfigDict) -> None:
 
 def check_dmd(config: ml_collections.ConfigDict) -> None:
     cfg = config.dmd
+    checks.check_model_block(cfg.generator, "config.dmd.generator", "generator",
+                             taken_from="the teacher (its resolution, channels and classes)")
+    if cfg.generator.model == "edm_one_step" and cfg.generator.kwargs:
+        raise ValueError(f"config.dmd.generator.kwargs={cfg.generator.kwargs.to_dict()}: leave them out; "
+                         "edm_one_step is the teacher's network.")
+    if cfg.generator.model != "edm_one_step":  # builds, and makes the teacher's images (eval_shape: no compute)
+        fields = teacher_kwargs(config)
+        teacher = models.build_model("edm_unet", **fields)
+        try:
+            generator, _ = model_from_block(cfg.generator, (fields["resolution"], fields["channels"],
+                                                            fields.get("num_classes", 0)), jnp.float32)
+            distribution_matching.check_networks(models.outside_data_parallel(generator), teacher)
+        except ValueError as e:
+            raise ValueError(f"config.dmd.generator: {e}") from e
     if int(cfg.fake_updates_per_step) != cfg.fake_updates_per_step or cfg.fake_updates_per_step < 1:
         raise ValueError(f"config.dmd.fake_updates_per_step={cfg.fake_updates_per_step} must be an integer >= 1.")
     if not cfg.fake_learning_rate > 0:
@@ -177,7 +191,7 @@ def run_progressive(config, workdir, teacher_model, teacher_params, dataset, mes
         if not finished:
             return None
         params = parallel.to_host(state.ema)
-        bundle = export(workdir / name / "bundle", "edm_unet", student, params)
+        bundle = export(workdir / name / "bundle", "edm_unet", module_kwargs(student), {"params": params})
         students.append(Student(f"progressive {steps}-step", "progressive", steps,
                                 denoiser_sampler(student, params, grid[::2], "euler", shape_of(config)),
                                 cost.count_params(params), evaluation_flops(student, params), bundle))
@@ -203,7 +217,7 @@ def run_consistency(config, workdir, teacher_model, teacher_params, dataset, mes
     if not finished:
         return None
     params = parallel.to_host(state.target)  # the EMA target network theta^-
-    bundle = export(workdir / "consistency" / "bundle", "edm_unet", student, params)
+    bundle = export(workdir / "consistency" / "bundle", "edm_unet", module_kwargs(student), {"params": params})
     flops = evaluation_flops(student, params)
     students = []
     for steps in cfg.sample_steps:
@@ -214,20 +228,40 @@ def run_consistency(config, workdir, teacher_model, teacher_params, dataset, mes
     return students
 
 
+def dmd_generator(config: ml_collections.ConfigDict, teacher_model: nn.Module, teacher_params: Any, key: jax.Array
+                  ) -> tuple[nn.Module, nn.Module, dict[str, Any], Any]:
+    """(the generator for the data-parallel step, the same outside it, its bundle kwargs, its initial variables):
+    `edm_one_step` is the teacher's network started from its weights; any other generator (`config.dmd.generator`,
+    e.g. the DCGAN student) starts from its own initialisation."""
+    block = config.dmd.generator
+    if block.model == "edm_one_step":
+        fields = {k: v for k, v in dataclasses.asdict(teacher_model).items() if k not in ("parent", "name")}
+        generator = edm.OneStepGenerator(**edm.one_step_kwargs({**fields, "dropout": 0.0}, config.sampler.sigma_max))
+        return generator, generator, module_kwargs(generator), {"params": edm.from_denoiser(teacher_params)}
+    spec = teacher_model.spec
+    generator, kwargs = model_from_block(block, (spec.resolution, spec.channels, spec.num_classes),
+                                         jnp.dtype(config.compute_dtype))
+    outside = models.outside_data_parallel(generator)
+    z = jnp.zeros((2, outside.spec.z_dim))
+    labels = jnp.zeros((2,), jnp.int32) if spec.num_classes else None
+    variables = jax.jit(lambda k: outside.init(k, z, labels))(key)
+    return generator, outside, kwargs, variables
+
+
 def run_dmd(config, workdir, teacher_model, teacher_params, dataset, mesh, writer, budget) -> list[Student] | None:
-    """Distribution-matching distillation into a one-step generator of the teacher's network (module docstring);
-    None if stopped early."""
+    """Distribution-matching distillation into a one-step generator (module docstring); None if stopped early."""
     cfg, sampler = config.dmd, config.sampler
-    fields = {k: v for k, v in dataclasses.asdict(teacher_model).items() if k not in ("parent", "name")}
-    generator = edm.OneStepGenerator(**edm.one_step_kwargs({**fields, "dropout": 0.0}, sampler.sigma_max))
+    key = jax.random.fold_in(jax.random.key(config.seed), STEP_SALT["dmd"])
+    generator, outside, kwargs, variables = dmd_generator(config, teacher_model, teacher_params,
+                                                          jax.random.fold_in(key, 1))
     fake = teacher_model.clone(dropout=0.0)
     tx_g = optim.make_optimizer(cfg.train.optimizer, cfg.train.num_steps)
     fake_optimizer = ml_collections.ConfigDict(cfg.train.optimizer.to_dict())
     fake_optimizer.learning_rate = cfg.fake_learning_rate
     tx_fake = optim.make_optimizer(fake_optimizer, cfg.train.num_steps * cfg.fake_updates_per_step)
-    key = jax.random.fold_in(jax.random.key(config.seed), STEP_SALT["dmd"])
-    state = parallel.replicate(distribution_matching.init_state(edm.from_denoiser(teacher_params), teacher_params,
-                                                                tx_g, tx_fake), mesh)
+    generator_state = {k: v for k, v in variables.items() if k != "params"}
+    state = parallel.replicate(distribution_matching.init_state(variables["params"], teacher_params, tx_g, tx_fake,
+                                                                generator_state), mesh)
     step = distribution_matching.make_dmd_step(
         generator, fake, progressive.network_teacher(fake), tx_g, tx_fake, mesh, key, sigma_min=sampler.sigma_min,
         sigma_max=sampler.sigma_max, rho=sampler.rho, fake_updates_per_step=int(cfg.fake_updates_per_step))
@@ -237,13 +271,14 @@ def run_dmd(config, workdir, teacher_model, teacher_params, dataset, mesh, write
                                 mesh, writer, budget, batches=lambda start: itertools.repeat(local))
     if not finished:
         return None
-    params = parallel.to_host(state.generator)
-    bundle = export(workdir / "dmd" / "bundle", "edm_one_step", generator, params)
-    z = jnp.zeros((8, generator.spec.z_dim))
-    flops = cost.flops_per_image(lambda p, z: generator.apply({"params": p}, z), params, z, batch_size=8) \
-        if not generator.spec.num_classes else evaluation_flops(fake, teacher_params)  # the same network
-    return [Student("DMD2 one-step", "dmd", 1, generator_sampler(generator, params, shape_of(config)),
-                    cost.count_params(params), flops, bundle)]
+    variables = {"params": parallel.to_host(state.generator), **parallel.to_host(state.generator_state)}
+    bundle = export(workdir / "dmd" / "bundle", cfg.generator.model, kwargs, variables)
+    z = jnp.zeros((8, outside.spec.z_dim))
+    labels = (jnp.zeros((8,), jnp.int32),) if outside.spec.num_classes else ()
+    flops = cost.flops_per_image(lambda v, z, *y: outside.apply(v, z, *y), variables, z, *labels, batch_size=8)
+    return [Student(f"DMD2 one-step ({cfg.generator.model})", "dmd", 1,
+                    generator_sampler(outside, variables, shape_of(config)), cost.count_params(variables["params"]),
+                    flops, bundle)]
 
 
 RUNNERS = {"progressive": run_progressive, "consistency": run_consistency, "dmd": run_dmd}
@@ -276,12 +311,12 @@ def consistency_sampler(model: nn.Module, params: Any, sigmas: jax.Array, sigma_
     return sample
 
 
-def generator_sampler(model: nn.Module, params: Any, shape: tuple[int, ...]) -> Callable:
-    """`(key, labels) -> images`: G(z), z ~ N(0, I) from `key`."""
+def generator_sampler(model: nn.Module, variables: Any, shape: tuple[int, ...]) -> Callable:
+    """`(key, labels) -> images`: G(z), z ~ N(0, I) from `key` (BatchNorm on its running statistics)."""
     @jax.jit
     def sample(key, labels):
         z = jax.random.normal(key, (shape[0], model.spec.z_dim), jnp.float32)
-        return model.apply({"params": params}, z, labels)
+        return model.apply(variables, z, labels)
     return sample
 
 
@@ -294,11 +329,15 @@ def evaluation_flops(model: nn.Module, params: Any) -> float:
                                 *labels, batch_size=8)
 
 
-def export(path: pathlib.Path, name: str, model: nn.Module, params: Any) -> str:
-    """Saves a student's model bundle (its fields without the dtype, which the loader chooses)."""
-    fields = {k: v for k, v in dataclasses.asdict(model).items() if k not in ("parent", "name", "dtype")}
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-    bundles.save_model_bundle(path, name, fields, {"params": params})
+def module_kwargs(model: nn.Module) -> dict[str, Any]:
+    """A module's fields as a bundle records them (without the dtype, which the loader chooses)."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in ("parent", "name", "dtype")}
+
+
+def export(path: pathlib.Path, name: str, kwargs: dict[str, Any], variables: Any) -> str:
+    """Saves a student's model bundle."""
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    bundles.save_model_bundle(path, name, kwargs, variables)
     return str(path)
 
 

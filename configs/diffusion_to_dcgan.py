@@ -1,0 +1,50 @@
+"""Distil the shipped digits diffusion teacher (`kdjax/pretrained/digits32/diffusion`) into the main job's DCGAN
+student, a one-step generator, by distribution matching (DMD2, Yin et al. 2024; task `diffusion_distill`, method
+"dmd"): data-free, the DCGAN generator is moved along the difference of the frozen teacher's denoiser and a fake
+denoiser (the teacher's network, started from its weights) trained online on the generator's samples. The report
+puts it next to the teacher's Heun sampler at 1-16 steps: FID/KID against the real digits and against the
+teacher's samples, FLOPs per image and images/s.
+
+    python launch.py --config=configs/diffusion_to_dcgan.py
+    python launch.py --config=configs/diffusion_to_dcgan.py:tiny --config.teacher.bundle=DIR   # seconds (the tests)
+
+The DCGAN generator (width 24, at most 128 channels, z of 128; BatchNorm statistics reduced over the devices) is the
+student of configs/stylegan_to_dcgan.py, so the two teachers can be compared through one student. The training
+settings are a starting point sized for this CPU, not tuned.
+"""
+
+import ml_collections
+
+from kdjax.config import (DIGITS32_DIFFUSION, DIGITS32_JUDGE, apply_arg, data_config, phase_train_config, run_config,
+                          sample_eval_config)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = run_config("diffusion_distill", log_every=50, checkpoint_every=250, eval_batch_size=250)
+    config.data = data_config(source="digits", resolution=32, channels=1)
+    config.teacher = ml_collections.ConfigDict(dict(bundle=str(DIGITS32_DIFFUSION)))
+    config.method = "dmd"
+    config.sampler = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                                                    teacher_steps=(1, 2, 4, 8, 16)))
+    config.dmd = ml_collections.ConfigDict(dict(
+        generator=ml_collections.ConfigDict(dict(
+            model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(z_dim=128, width=24, width_max=128)))),
+        fake_updates_per_step=2,  # fake-denoiser updates per generator update (DMD2 uses 5)
+        fake_learning_rate=5e-5,
+        train=phase_train_config(300, 32, name="adam", learning_rate=2e-4, b1=0.5, b2=0.99),
+    ))
+    config.eval = sample_eval_config(judge=str(DIGITS32_JUDGE), num_samples=1000)
+    return apply_arg(config, arg, {"tiny": tiny}, where="configs/diffusion_to_dcgan.py")
+
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+    """The test-suite size (give a tiny teacher at 16x16: --config.teacher.bundle): seconds."""
+    config.data.resolution = 16
+    config.sampler.teacher_steps = (1,)
+    config.dmd.generator.kwargs.update(dict(z_dim=16, width=4, width_max=8))
+    config.dmd.train = phase_train_config(4, 16, name="sgd", learning_rate=0.01)
+    config.dmd.fake_updates_per_step = 1
+    config.eval.judge = ""
+    config.eval.num_samples = 16
+    config.log_every = config.checkpoint_every = 2
+    config.eval_batch_size = 16
