@@ -14,8 +14,8 @@ PACKAGE = ROOT / "kdjax"
 # What each part of kdjax may import (besides itself). Entry points (the command-line modules and the
 # kdjax.train facade) may import anything; nothing may import them, except that the commands may use the
 # facade.
-ENTRY_POINTS = {"kdjax.train", "kdjax.evaluate", "kdjax.cost", "kdjax.stylegan2_import", "kdjax.sweep",
-                "kdjax.export"}
+ENTRY_POINTS = {"kdjax.train", "kdjax.evaluate", "kdjax.cost", "kdjax.stylegan2_import", "kdjax.edm_import",
+                "kdjax.sweep", "kdjax.export"}
 ALLOWED = {
     "config": {"pretrained"},
     "pretrained": {"models"},  # tiny.py writes random bundles of registered models

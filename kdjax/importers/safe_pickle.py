@@ -15,8 +15,14 @@ indexes, dict keys), tensors are bounds-checked and budgeted (`torch_storage`), 
 fresh frozen object per load (a pickle cannot alter it for a later load), and the result is walked once
 with a memo and a depth limit (shared references stay shared; cycles are refused).
 
+NVlabs/edm's networks (SongUNet, DhariwalUNet) also keep blocks in `torch.nn.ModuleDict`s, a plain torch class
+that a pickle rebuilds as NEWOBJ(ModuleDict) followed by one BUILD with the module's __dict__: `ModuleDictStandIn`
+accepts exactly that (one BUILD, with a dict) and becomes a `PersistentObject(class_name='ModuleDict')`, so that
+`state_dict` walks it as any other module.
+
 `load_network_pickle(path)` reads a file; `state_dict(network)` flattens a network's parameters and
-buffers to {"dotted.name": numpy array}. The StyleGAN2 name mapping lives in `kdjax.importers.stylegan2`.
+buffers to {"dotted.name": numpy array}. The StyleGAN2 name mapping lives in `kdjax.importers.stylegan2`, EDM's
+in `kdjax.importers.edm`.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from kdjax.importers import torch_storage as ts
 from kdjax.importers.pickle_stream import (Budget, NetworkPickleError, UnsafePickleError, describe,
                                            refuse_global, restricted_load)
 
-__all__ = ["EasyDict", "NetworkPickleError", "PersistentObject", "UnsafePickleError", "load_network_pickle",
-           "state_dict"]
+__all__ = ["EasyDict", "ModuleDictStandIn", "NetworkPickleError", "PersistentObject", "UnsafePickleError",
+           "load_network_pickle", "state_dict"]
 MAX_DEPTH = 100               # container nesting of a loaded pickle (a network pickle: ~16)
 MAX_MODULE_DEPTH = 32         # submodule nesting in state_dict (StyleGAN2: 4)
 MAX_NAME_CHARS = 1 << 24      # total characters of state_dict names (a 1024x1024 G: ~60 k)
@@ -69,6 +75,16 @@ class EasyDict(dict, metaclass=_FrozenType):
 
     def __setstate__(self, *state):   # BUILD, on an instance or (unbound) on the class
         raise NetworkPickleError("BUILD on an EasyDict is refused.")
+
+
+class ModuleDictStandIn(ts.Frozen, metaclass=_FrozenType):
+    """`torch.nn.ModuleDict` as a pickle builds it: NEWOBJ (no fields), then one BUILD with its __dict__."""
+    __slots__ = ("state",)
+
+    def __setstate__(self, state):
+        if hasattr(self, "state") or not isinstance(state, dict):
+            raise NetworkPickleError(f"ModuleDict: BUILD with {describe(state)} refused (one dict state only).")
+        object.__setattr__(self, "state", state)
 
 
 def _reconstruct_persistent_obj(meta) -> PersistentObject:
@@ -130,6 +146,7 @@ class _Loader:
                                                     for key, fn in fns.items()}
         self.globals[("numpy", "ndarray")] = ndarray
         self.globals[("dnnlib.util", "EasyDict")] = EasyDict
+        self.globals[("torch.nn.modules.container", "ModuleDict")] = ModuleDictStandIn
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.globals:
@@ -142,7 +159,8 @@ class _Finalizer:
 
     Each container is converted once (an id-keyed memo that also keeps the originals alive, so ids stay
     unique): shared references stay shared, in linear time. A reference cycle, nesting deeper than MAX_DEPTH,
-    or a stand-in that no network pickle holds as a value (a bare global, a storage type) is an error.
+    or a stand-in that no network pickle holds as a value (a bare global or class, a storage type, a ModuleDict
+    never built) is an error.
     """
     _LEAVES = (str, bytes, int, float, bool, type(None), np.ndarray, np.generic)
 
@@ -167,11 +185,15 @@ class _Finalizer:
         return result
 
     def _convert(self, obj: Any, depth: int) -> Any:
+        if isinstance(obj, ModuleDictStandIn):
+            if not hasattr(obj, "state"):
+                raise NetworkPickleError("a ModuleDict without its state (no BUILD).")
+            return PersistentObject(class_name="ModuleDict", version=None, state=self.convert(obj.state, depth))
         if isinstance(obj, (ts.ArrayValue, ts.Storage, ts.NdarraySpec)) and obj.array is not None:
             return obj.array
         if isinstance(obj, ts.DtypeSpec):
             return obj.dtype
-        if isinstance(obj, ts.Frozen):
+        if isinstance(obj, (ts.Frozen, type)):
             raise NetworkPickleError(f"the pickle holds a bare {type(obj).__name__} as a value.")
         if isinstance(obj, (dict, list)):       # in place: keeps the identity (and sharing) of containers
             for k in (list(obj) if isinstance(obj, dict) else range(len(obj))):
@@ -195,7 +217,7 @@ def _read(path_or_file: str | os.PathLike | BinaryIO) -> bytes:
         raise NetworkPickleError("the file is empty, not a network pickle.")
     if data.startswith(b"PK\x03\x04"):
         raise NetworkPickleError("the file is a zip archive (torch.save's format?), not a network pickle "
-                                 "(stylegan2-ada-pytorch and stylegan3 write those with pickle.dump).")
+                                 "(stylegan2-ada-pytorch, stylegan3 and NVlabs/edm write those with pickle.dump).")
     return data
 
 

@@ -76,6 +76,11 @@ REGISTRY: dict[str, str] = {
     "edm_unet": "kdjax.models.edm:EDMUNet",
     # DMD's one-step generator: the EDM U-Net's estimate from pure noise, G(z) = D(sigma_max z; sigma_max).
     "edm_one_step": "kdjax.models.edm:OneStepGenerator",
+    # NVlabs/edm's official denoisers (EDMPrecond around SongUNet: DDPM++/NCSN++, or DhariwalUNet: ADM), ported
+    # with the official parameter names so that an official network pickle imports one to one (kdjax.edm_import).
+    # Two names, since the two networks take different options.
+    "edm_songunet": "kdjax.models.edm_official:EDMSongUNet",
+    "edm_dhariwalunet": "kdjax.models.edm_official:EDMDhariwalUNet",
     # A tiny MLP denoiser (EDM or consistency-model preconditioning) for low-dimensional data: the student of the
     # diffusion distillation methods on an analytic Gaussian-mixture teacher.
     "mlp_denoiser": "kdjax.models.mlp_denoiser:MLPDenoiser",

@@ -54,6 +54,9 @@ from kdjax.tasks.phase import model_from_block, run_phase
 from kdjax.tasks.pixelcnn_kd import at_resolution, check_eval, judge_and_real
 
 METHODS = ("progressive", "consistency", "dmd")
+# Teachers whose network the students can be made of: kdjax's U-Net, and the official EDM networks imported by
+# `python -m kdjax.edm_import` (each with the `parameterisation` and `dropout` fields the students set).
+TEACHER_MODELS = ("edm_unet", "edm_songunet", "edm_dhariwalunet")
 EVAL_SEED_SALT = 9  # fold_in(key(seed), .) of the report's noise (as the teacher task's)
 STEP_SALT = {"progressive": 11, "consistency": 12, "dmd": 13}  # fold_in(key(seed), .) of each method's step key
 
@@ -99,15 +102,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def teacher_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The teacher bundle's model fields (checked: an `edm_unet` denoiser bundle)."""
+    """The teacher bundle's model fields (checked: a denoiser bundle of `TEACHER_MODELS`)."""
     meta = bundles.check_model_bundle(config.teacher.bundle, "config.teacher.bundle", kind="denoiser")
-    if meta["model"] != "edm_unet":
+    if meta["model"] not in TEACHER_MODELS:
         raise ValueError(f"config.teacher.bundle={config.teacher.bundle!r} holds a {meta['model']!r}; the students "
-                         "are made of the teacher's network, which must be an 'edm_unet' (configs/diffusion_teacher.py)."
-                         )
+                         f"are made of the teacher's network, which must be one of {list(TEACHER_MODELS)} "
+                         "(configs/diffusion_teacher.py trains an edm_unet; python -m kdjax.edm_import imports the "
+                         "official ones).")
     if meta["kwargs"].get("parameterisation", "edm") != "edm":
         raise ValueError(f"config.teacher.bundle={config.teacher.bundle!r} is a consistency function, not a denoiser.")
-    return meta["kwargs"]
+    return {**meta["kwargs"], "model": meta["model"]}
 
 
 def is_power_of_two(n: int) -> bool:
@@ -151,9 +155,12 @@ def check_dmd(config: ml_collections.ConfigDict) -> None:
     if cfg.generator.model == "edm_one_step" and cfg.generator.kwargs:
         raise ValueError(f"config.dmd.generator.kwargs={cfg.generator.kwargs.to_dict()}: leave them out; "
                          "edm_one_step is the teacher's network.")
+    if cfg.generator.model == "edm_one_step" and teacher_kwargs(config)["model"] != "edm_unet":
+        raise ValueError(f"config.dmd.generator.model='edm_one_step' wraps an edm_unet; the teacher is an "
+                         f"{teacher_kwargs(config)['model']!r}: choose a generator model (e.g. dcgan_generator).")
     if cfg.generator.model != "edm_one_step":  # builds, and makes the teacher's images (eval_shape: no compute)
         fields = teacher_kwargs(config)
-        teacher = models.build_model("edm_unet", **fields)
+        teacher = models.build_model(fields.pop("model"), **fields)
         try:
             generator, _ = model_from_block(cfg.generator, (fields["resolution"], fields["channels"],
                                                             fields.get("num_classes", 0)), jnp.float32)
@@ -191,7 +198,7 @@ def run_progressive(config, workdir, teacher_model, teacher_params, dataset, mes
         if not finished:
             return None
         params = parallel.to_host(state.ema)
-        bundle = export(workdir / name / "bundle", "edm_unet", module_kwargs(student), {"params": params})
+        bundle = export(workdir / name / "bundle", registry_name(student), module_kwargs(student), {"params": params})
         students.append(Student(f"progressive {steps}-step", "progressive", steps,
                                 denoiser_sampler(student, params, grid[::2], "euler", shape_of(config)),
                                 cost.count_params(params), evaluation_flops(student, params), bundle))
@@ -217,7 +224,8 @@ def run_consistency(config, workdir, teacher_model, teacher_params, dataset, mes
     if not finished:
         return None
     params = parallel.to_host(state.target)  # the EMA target network theta^-
-    bundle = export(workdir / "consistency" / "bundle", "edm_unet", module_kwargs(student), {"params": params})
+    bundle = export(workdir / "consistency" / "bundle", registry_name(student), module_kwargs(student),
+                    {"params": params})
     flops = evaluation_flops(student, params)
     students = []
     for steps in cfg.sample_steps:
@@ -327,6 +335,11 @@ def evaluation_flops(model: nn.Module, params: Any) -> float:
     labels = (jnp.zeros((8,), jnp.int32),) if spec.num_classes else ()
     return cost.flops_per_image(lambda p, x, s, *y: model.apply({"params": p}, x, s, *y), params, x, jnp.ones((8,)),
                                 *labels, batch_size=8)
+
+
+def registry_name(model: nn.Module) -> str:
+    """The model registry's name of a teacher-network module (one of `TEACHER_MODELS`)."""
+    return next(name for name in TEACHER_MODELS if models.model_class(name) is type(model))
 
 
 def module_kwargs(model: nn.Module) -> dict[str, Any]:
