@@ -213,18 +213,18 @@ def test_a_teacher_that_is_not_a_denoiser_is_refused(bundles_dir):
         diffusion_distill.check_config(config)
 
 
-@pytest.mark.parametrize("config_file", ["diffusion_distill.py", "diffusion_to_dcgan.py"])
-def test_the_shipped_teacher_fits_the_default_configs_and_denoises_held_out_digits(config_file):
+def test_the_shipped_teacher_fits_the_default_configs_and_denoises_held_out_digits():
     """Both configs name the shipped digits teacher and pass their checks; at sigma = 0.5 (about the data's own
-    scale) its denoised held-out digits are closer to the clean ones than the noisy input by more than 8 dB of PSNR
-    (peak-to-peak 2)."""
-    config = train.load_config(str(ROOT / "configs" / config_file))
-    assert pathlib.Path(config.teacher.bundle) == DIGITS32_DIFFUSION
-    diffusion_distill.check_config(config)
+    scale) its denoised held-out digits are closer to the clean ones than the noisy input by more than 12 dB of PSNR
+    (peak-to-peak 2; measured: 28.9 dB against 12.0)."""
+    for config_file in ("diffusion_distill.py", "diffusion_to_dcgan.py"):
+        config = train.load_config(str(ROOT / "configs" / config_file))
+        assert pathlib.Path(config.teacher.bundle) == DIGITS32_DIFFUSION
+        diffusion_distill.check_config(config)
     model, variables, meta = bundles.load_model(config.teacher.bundle)
     assert meta["model"] == "edm_unet" and model.spec == models.DenoiserSpec(32, 1, 0, 0.5)
     clean = real_set(data.load_dataset(config.data), "test")[:64]
     noisy = clean + 0.5 * np.random.default_rng(6).standard_normal(clean.shape).astype(np.float32)
     denoised = np.asarray(jax.jit(lambda v, x: model.apply(v, x, jnp.full((64,), 0.5)))(variables, noisy))
     psnr = lambda x: 10 * np.log10(4.0 / np.mean((x - clean) ** 2))
-    assert psnr(denoised) > psnr(noisy) + 8.0, (psnr(denoised), psnr(noisy))
+    assert psnr(denoised) > psnr(noisy) + 12.0, (psnr(denoised), psnr(noisy))
