@@ -10,7 +10,14 @@ teacher's samples, FLOPs per image and images/s.
 
 The DCGAN generator (width 24, at most 128 channels, z of 128; BatchNorm statistics reduced over the devices) is the
 student of configs/stylegan_to_dcgan.py, so the two teachers can be compared through one student. The training
-settings are a starting point sized for this CPU, not tuned.
+settings are a starting point, not tuned.
+
+Cost on the project's 2-core CPU: NOT yet practical. The DMD step (2 fake-denoiser updates and one generator update
+per step, each through the teacher's U-Net) measured 34 s per step at batch 32 while the CPU was shared with two
+other runs, and XLA's cost analysis counts only 1.8x the FLOPs of a progressive-distillation step, which ran at
+1.7 s in the same conditions: the step runs at about a tenth of the FLOP rate of the others here, for a reason not
+yet found (not the scan over fake updates: unrolled, the same). The default 300 steps would take hours here; on a
+GPU the step is the intended one. The default run has not been measured.
 """
 
 import ml_collections
