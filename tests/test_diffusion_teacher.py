@@ -136,7 +136,8 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, judge, tmp_
 
 
 @pytest.mark.parametrize("override,message", [
-    ("denoiser.model=unet", "config.denoiser.model='unet'; valid denoisers: ['edm_unet', 'mlp_denoiser']"),
+    ("denoiser.model=unet",
+     "config.denoiser.model='unet'; valid denoisers: ['edm_dhariwalunet', 'edm_songunet', 'edm_unet', 'mlp_denoiser']"),
     ("denoiser.kwargs.widths=(8,16),denoiser.kwargs.attention_resolutions=(3,)",
      "config.denoiser.kwargs: attention_resolutions=(3,): each must be one of the U-Net's resolutions [8, 4]"),
     ("data.resolution=6,denoiser.kwargs.widths=(8,16,16)",

@@ -107,7 +107,7 @@ def test_warm_start_from_a_bundle_with_generator_warmup(tmp_path):
 def test_gan_config_errors():
     config = load_config("dcgan_scratch")
     config.generator.model = "dcgan_discriminator"
-    with pytest.raises(ValueError, match="valid generators: \\['dcgan_generator', 'stylegan2_generator'\\]"):
+    with pytest.raises(ValueError, match="valid generators: \\['dcgan_generator', 'edm_one_step', 'stylegan2_generator'\\]"):
         train.check_config(config)
     config = load_config("dcgan_scratch")
     config.generator.kwargs.resolution = 64
