@@ -228,9 +228,7 @@ class EDMUNet(nn.Module):
 
     def coefficients(self, sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """(c_skip, c_out, c_in, c_noise) of the model's parameterisation at `sigma`."""
-        if self.parameterisation == "consistency":
-            return consistency_preconditioning(sigma, self.sigma_data, self.sigma_min)
-        return preconditioning(sigma, self.sigma_data)
+        return coefficients(self.parameterisation, sigma, self.sigma_data, self.sigma_min)
 
     @nn.compact
     def __call__(self, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None, *, train: bool = False,
@@ -251,6 +249,15 @@ class EDMUNet(nn.Module):
             expand(c_in) * x, c_noise, labels, train)
         denoised = expand(c_skip) * x + expand(c_out) * f
         return (denoised, features) if return_features else denoised
+
+
+def coefficients(parameterisation: str, sigma: jax.Array, sigma_data: float, sigma_min: float
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(c_skip, c_out, c_in, c_noise) at `sigma` of a denoiser ("edm": `preconditioning`) or a consistency function
+    ("consistency": `consistency_preconditioning`); every denoiser family's `coefficients` method."""
+    if parameterisation == "consistency":
+        return consistency_preconditioning(sigma, sigma_data, sigma_min)
+    return preconditioning(sigma, sigma_data)
 
 
 def consistency_preconditioning(sigma: jax.Array, sigma_data: float, sigma_min: float

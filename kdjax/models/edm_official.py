@@ -51,7 +51,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax.models.edm import PARAMETERISATIONS, consistency_preconditioning, preconditioning
+from kdjax.models.edm import PARAMETERISATIONS
+from kdjax.models.edm import coefficients as edm_coefficients
 from kdjax.models.edm_official_layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, UNetBlock, norm_groups,
                                               positional_embedding)
 from kdjax.models.interface import DenoiserSpec
@@ -334,9 +335,7 @@ class EDMOfficialDenoiser(nn.Module):
 
     def coefficients(self, sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """(c_skip, c_out, c_in, c_noise) of the model's parameterisation at `sigma`."""
-        if self.parameterisation == "consistency":
-            return consistency_preconditioning(sigma, self.sigma_data, self.sigma_min)
-        return preconditioning(sigma, self.sigma_data)
+        return edm_coefficients(self.parameterisation, sigma, self.sigma_data, self.sigma_min)
 
     @nn.compact
     def __call__(self, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None, *, train: bool = False,

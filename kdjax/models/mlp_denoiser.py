@@ -67,9 +67,7 @@ class MLPDenoiser(nn.Module):
 
     def coefficients(self, sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """(c_skip, c_out, c_in, c_noise) of the model's parameterisation at `sigma`."""
-        if self.parameterisation == "consistency":
-            return edm.consistency_preconditioning(sigma, self.sigma_data, self.sigma_min)
-        return edm.preconditioning(sigma, self.sigma_data)
+        return edm.coefficients(self.parameterisation, sigma, self.sigma_data, self.sigma_min)
 
     @nn.compact
     def __call__(self, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None, *, train: bool = False,
