@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pathlib
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +48,7 @@ from kdjax.evaluation.generators import judge_pool, quality_metrics
 from kdjax.models import bundles, diffusion_samplers, edm
 from kdjax.steps import consistency, distribution_matching, loop, progressive
 from kdjax.tasks import checks
-from kdjax.tasks.diffusion_teacher import GRID_SAMPLES, noise_levels, sample_batches
+from kdjax.tasks.diffusion_teacher import GRID_SAMPLES, noise_levels, sample_batches, timed_batches
 from kdjax.tasks.phase import model_from_block, run_phase
 from kdjax.tasks.pixelcnn_kd import at_resolution, check_eval, judge_and_real
 
@@ -357,19 +356,12 @@ def export(path: pathlib.Path, name: str, kwargs: dict[str, Any], variables: Any
 def sample_student(student: Student, num_classes: int, count: int, batch: int, key: jax.Array
                    ) -> tuple[np.ndarray, float]:
     """(count images, images/s) of a student, batch b from fold_in(key, b) (labels b * batch + i mod classes when
-    conditional); the rate times the batches after the first (which compiles), or a second run of the only one."""
+    conditional), timed as the teacher's (`diffusion_teacher.timed_batches`)."""
     def run(b: int) -> jax.Array:
         labels = (jnp.arange(b * batch, (b + 1) * batch) % num_classes).astype(jnp.int32) if num_classes else None
         return jax.block_until_ready(student.sample(jax.random.fold_in(key, b), labels))
 
-    num_batches = -(-count // batch)
-    first = run(0)  # compiles
-    start = time.perf_counter()
-    rest = [run(b) for b in range(1, num_batches)]
-    if not rest:
-        run(0)
-    rate = batch * max(num_batches - 1, 1) / (time.perf_counter() - start)
-    return np.concatenate([np.asarray(x) for x in (first, *rest)])[:count], rate
+    return timed_batches(run, count, batch)
 
 
 # ----------------------------------------------------------------------------------------- the task

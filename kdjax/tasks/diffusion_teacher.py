@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -108,7 +109,6 @@ def sample_batches(model: nn.Module, params: Any, method: str, sigmas: jax.Array
     after the first (which may compile), or a second run of the only one."""
     spec = model.spec
     shape = (batch, spec.resolution, spec.resolution, spec.channels)
-    num_batches = -(-count // batch)
 
     def run(b: int) -> tuple[jax.Array, jax.Array]:
         labels = (jnp.arange(b * batch, (b + 1) * batch) % spec.num_classes).astype(jnp.int32) if spec.num_classes \
@@ -116,15 +116,25 @@ def sample_batches(model: nn.Module, params: Any, method: str, sigmas: jax.Array
         return jax.block_until_ready(generate(model, method, shape, params, jax.random.fold_in(key, b), labels,
                                               sigmas, jnp.int32(num_steps)))
 
+    (images, nfes), rate = timed_batches(run, count, batch)
+    return images, int(nfes[0]), rate
+
+
+def timed_batches(run: Callable[[int], Any], count: int, batch: int) -> tuple[Any, float]:
+    """Runs `run(b)` (a batch of `batch` images, or a tuple whose first element is one) for the batches b that
+    make `count` images; returns (the outputs concatenated and cut to `count`, images/s). The rate times the
+    batches after the first (which may compile), or a second run of the only one."""
+    num_batches = -(-count // batch)
     first = run(0)  # compiles
     start = time.perf_counter()
     rest = [run(b) for b in range(1, num_batches)]
     if not rest:
         run(0)
     rate = batch * max(num_batches - 1, 1) / (time.perf_counter() - start)
-    out = [np.asarray(x) for x, _ in (first, *rest)]
-    nfe = int(first[1])
-    return np.concatenate(out)[:count], nfe, rate
+    outs = (first, *rest)
+    if isinstance(first, tuple):
+        return (np.concatenate([np.asarray(o[0]) for o in outs])[:count], [o[1] for o in outs]), rate
+    return np.concatenate([np.asarray(o) for o in outs])[:count], rate
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any] | None:
