@@ -50,6 +50,7 @@ DEFAULT_METRICS = {
                        "student_scratch/psnr_vs_teacher", "validation/student_kd/psnr",
                        "validation/student_scratch/psnr"],
     "gan": ["steps"],
+    "diffusion_distill": ["figures/*/fid", "figures/*/fid_vs_teacher"],
 }
 
 
@@ -127,6 +128,19 @@ def run_all(runs: Sequence[dict[str, Any]]) -> None:
               flush=True)
 
 
+def expand_metrics(metrics: Sequence[str], settings: dict[str, Any]) -> list[str]:
+    """The figure paths of `metrics`, each a path or a shell-style pattern (`fnmatch`: "figures/*/fid") standing for
+    every matching path any setting reports, in sorted order; a path no setting has stays (its cells show "-")."""
+    import fnmatch
+
+    known = sorted(set().union(*(s["metrics"] for s in settings.values())))
+    out: list[str] = []
+    for m in metrics:
+        matches = fnmatch.filter(known, m) if any(c in m for c in "*?[") else [m]
+        out += [x for x in matches if x not in out]
+    return out
+
+
 def summarise(runs: Sequence[dict[str, Any]], workdir: pathlib.Path, metrics: Sequence[str]) -> dict[str, Any]:
     """Aggregates the runs' reports per setting; writes sweep.json, sweep.md and sweep.png."""
     from kdjax.evaluation import aggregate
@@ -142,6 +156,7 @@ def summarise(runs: Sequence[dict[str, Any]], workdir: pathlib.Path, metrics: Se
     out = {"config": runs[0]["spec"].split(":")[0], "std": "sample standard deviation over seeds (ddof=1)",
            "settings": settings}
     (workdir / "sweep.json").write_text(json.dumps(out, indent=2))
+    metrics = expand_metrics(metrics, settings)
     table = aggregate.sweep_table(settings, metrics)
     (workdir / "sweep.md").write_text(table + f"\n\nmean +- std (ddof 1) over seeds {runs[0]['seed']}.. of each "
                                       f"setting; every figure per seed in sweep.json.\n\n![sweep](sweep.png)\n")
@@ -159,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=ITEMS",
                         help="one named setting (repeatable)")
     parser.add_argument("--workdir", default=None, help="default runs/sweep_NAME")
-    parser.add_argument("--metrics", default=None, help="comma-separated figure paths for the table and plot")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated figure paths or fnmatch patterns ('figures/*/fid') for the table and plot")
     args, rest = parser.parse_known_args(argv)
     try:
         bad = [a for a in rest if not a.startswith("--config.") or "=" not in a]

@@ -93,6 +93,13 @@ def test_each_method_reports_its_students_next_to_the_teacher(runs, method):
     assert all(r["fid_vs_teacher"] > 1e-2 for r in out["rows"] if r is not reference)
     for name in ("samples.png", "fid_vs_nfe.png", "report.md"):
         assert (workdir / name).stat().st_size > 0
+    # the figures by row, which kdjax.sweep averages over seeds: one key per row, the row's own numbers
+    keys = {"progressive": ["progressive/progressive_2-step", "progressive/progressive_1-step"],
+            "consistency": ["consistency/consistency_1-step", "consistency/consistency_2-step"],
+            "dmd": ["dmd/dmd2_one-step_edm_one_step"]}[method]
+    assert list(out["figures"]) == ["teacher/heun_1-step", "teacher/heun_2-step", *keys]
+    for row, figures in zip(out["rows"], out["figures"].values()):
+        assert figures["fid"] == row["fid"] and figures["nfe"] == row["nfe"] and "bundle" not in figures
     for row in students:
         _, variables, meta = bundles.load_model(row["bundle"])
         assert meta["model"] == ("edm_one_step" if method == "dmd" else "edm_unet")

@@ -87,3 +87,13 @@ def test_named_settings_times_axes():
         sweep.parse_setting("no name")
     with pytest.raises(ValueError, match="given twice"):
         sweep.settings_of([], [("a", ""), ("a", "seed=1")])
+
+
+def test_metric_patterns_expand_to_every_matching_path_once():
+    settings = {"a": {"metrics": {"figures/teacher/heun_16-step/fid": {}, "figures/teacher/heun_16-step/kid": {},
+                                  "figures/progressive/progressive_4-step/fid": {}}},
+                "b": {"metrics": {"figures/dmd/dmd2_one-step/fid": {}, "num_samples": {}}}}
+    assert sweep.expand_metrics(["figures/*/fid", "num_samples", "missing/path", "figures/teacher/*"], settings) == [
+        "figures/dmd/dmd2_one-step/fid", "figures/progressive/progressive_4-step/fid",
+        "figures/teacher/heun_16-step/fid", "num_samples", "missing/path", "figures/teacher/heun_16-step/kid"]
+    assert sweep.expand_metrics(["nothing/*"], settings) == []

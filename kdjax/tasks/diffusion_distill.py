@@ -22,7 +22,8 @@ Every phase resumes from its checkpoints (`workdir/<phase>/`) and exports its st
 of `config.sampler.teacher_steps` and every student, with NFE, FLOPs per generated image (XLA's count of one
 network evaluation times the NFE), images/s, and with a judge (`config.eval.judge`) FID, KID and
 precision/recall against the real images and the same against the teacher's samples at its most steps (the
-reference a student imitates), `config.eval.num_samples` samples each; `fid_vs_nfe.png` (FID against NFE, the
+reference a student imitates), `config.eval.num_samples` samples each, as a list (`rows`) and by row (`figures`,
+what `kdjax.sweep` averages over seeds); `fid_vs_nfe.png` (FID against NFE, the
 teacher's line and the students' points) and `samples.png` (one row per model, the same noise where the sampler
 draws it the same way).
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pathlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -426,6 +428,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: 
         for row, pool in zip(out["rows"], pools):
             row.update(quality_metrics(real_pool, {"feats": {"pool": pool}}, config.seed))
             row.update(quality_metrics(reference, {"feats": {"pool": pool}}, config.seed, suffix="_vs_teacher"))
+    out["figures"] = {row_key(row): {k: v for k, v in row.items() if isinstance(v, (int, float))}
+                      for row in out["rows"]}
     for row in out["rows"]:
         writer.write_scalars(row["nfe"], {f"eval/{row['sampler']}/{k}": v for k, v in row.items()
                                           if isinstance(v, (int, float))})
@@ -436,6 +440,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: 
         if judged is not None:
             plot_fid_against_nfe(out["rows"], workdir / "fid_vs_nfe.png")
     return out
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """A report row's key in `figures` (what `kdjax.sweep` aggregates over seeds): "MODEL/SAMPLER" in lower case,
+    runs of other characters as "_", e.g. "teacher/heun_16-step", "progressive/progressive_4-step",
+    "dmd/dmd2_one-step_edm_one_step"."""
+    slug = lambda text: re.sub(r"[^a-z0-9-]+", "_", text.lower()).strip("_")
+    return f"{slug(row['model'])}/{slug(row['sampler'])}"
 
 
 def plot_fid_against_nfe(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
