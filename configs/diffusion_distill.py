@@ -60,7 +60,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         generator=ml_collections.ConfigDict(dict(model="edm_one_step", kwargs=ml_collections.ConfigDict())),
         fake_updates_per_step=2,  # fake-denoiser updates per generator update (DMD2 uses 5)
         fake_learning_rate=5e-5,  # the fake denoiser's Adam learning rate (the generator's is train's)
-        train=phase_train_config(150, 16, name="adam", learning_rate=5e-5),
+        train=phase_train_config(500, 16, name="adam", learning_rate=5e-5),
     ))
     config.eval = sample_eval_config(judge=str(DIGITS32_JUDGE), num_samples=1000)
     return apply_arg(config, arg, VARIANTS, where="configs/diffusion_distill.py")

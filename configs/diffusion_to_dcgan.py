@@ -38,7 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             model="dcgan_generator", kwargs=ml_collections.ConfigDict(dict(z_dim=128, width=24, width_max=128)))),
         fake_updates_per_step=2,  # fake-denoiser updates per generator update (DMD2 uses 5)
         fake_learning_rate=5e-5,
-        train=phase_train_config(300, 32, name="adam", learning_rate=2e-4, b1=0.5, b2=0.99),
+        train=phase_train_config(400, 32, name="adam", learning_rate=2e-4, b1=0.5, b2=0.99),
     ))
     config.eval = sample_eval_config(judge=str(DIGITS32_JUDGE), num_samples=1000)
     return apply_arg(config, arg, {"tiny": tiny}, where="configs/diffusion_to_dcgan.py")
