@@ -39,6 +39,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         fake_updates_per_step=2,  # fake-denoiser updates per generator update (DMD2 uses 5)
         fake_learning_rate=5e-5,
         train=phase_train_config(400, 32, name="adam", learning_rate=2e-4, b1=0.5, b2=0.99),
+        # DMD2's GAN term on the training images (a realism head on the fake denoiser's middle map); DMD2's weights
+        # are 3e-3 and 1e-2. generator_weight 0: no GAN term, the step is data-free.
+        gan=ml_collections.ConfigDict(dict(generator_weight=0.0, classifier_weight=1e-2)),
     ))
     config.eval = sample_eval_config(judge=str(DIGITS32_JUDGE), num_samples=1000)
     return apply_arg(config, arg, {"tiny": tiny}, where="configs/diffusion_to_dcgan.py")

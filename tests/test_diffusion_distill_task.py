@@ -175,6 +175,19 @@ def test_dmd_into_the_dcgan_student_carries_its_batch_statistics(bundles_dir, tm
     assert row["flops_per_image"] < out["flops_per_evaluation"]  # the tiny DCGAN is cheaper than one teacher call
 
 
+def test_dmd_with_the_gan_term_trains_on_the_real_images(bundles_dir, runs, tmp_path):
+    """The tiny DMD run with DMD2's GAN term (generator weight 0.5, classifier 1): it reads the training images and
+    its one-step generator ends elsewhere than the same run's without the term (same seed, same draws)."""
+    config = load_config(bundles_dir, "tiny,dmd,dmd.gan.generator_weight=0.5,dmd.gan.classifier_weight=1.0",
+                         judge=False)
+    diffusion_distill.check_config(config)
+    out = train.train_and_evaluate(config, tmp_path)
+    with_gan = bundles.load_model_bundle(out["rows"][-1]["bundle"])[1]
+    plain = bundles.load_model_bundle(runs["dmd"][0] / "dmd" / "bundle")[1]
+    assert max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(with_gan), jax.tree.leaves(plain),
+                                                   strict=True)) > 1e-6
+
+
 def test_a_generator_that_cannot_make_the_teachers_images_is_refused(bundles_dir):
     config = train.load_config(f"{ROOT / 'configs' / 'diffusion_to_dcgan.py'}:tiny")
     config.teacher.bundle = str(bundles_dir / "teacher16")
@@ -195,6 +208,7 @@ BAD = [
     ("consistency.sample_steps=(1,3)", r"config.consistency.sample_steps=\(1, 3\) must be distinct integers from 1"),
     ("consistency.distance='l1'", r"config.consistency.distance='l1'; valid"),
     ("dmd.fake_updates_per_step=0", r"config.dmd.fake_updates_per_step=0 must be an integer >= 1"),
+    ("dmd.gan.generator_weight=-1.0", r"config.dmd.gan.generator_weight=-1.0 must be >= 0"),
     ("sampler.teacher_steps=(2,1)", r"config.sampler.teacher_steps=\(2, 1\) must be increasing"),
     ("data.resolution=16", r"denoises 8x8x1 images; the data gives 16x16x1"),
 ]

@@ -1,6 +1,6 @@
 """The EDM denoiser family: the preconditioning coefficients by hand, the denoiser as c_skip x + c_out F(c_in x;
 c_noise) of its own body, shapes at several resolutions without compute, dropout through its rng stream, bad fields
-as one clear error, and a denoiser bundle saved, checked and loaded."""
+as one clear error, a denoiser bundle saved, checked and loaded, and the DMD2 realism head on maps of any side."""
 
 import json
 import re
@@ -14,7 +14,7 @@ from kdjax import models
 from kdjax.core.checkpoints import CheckpointError, tree_shapes
 from kdjax.evaluation import cost
 from kdjax.models import bundles
-from kdjax.models.edm import EDMUNet, UNet, preconditioning
+from kdjax.models.edm import EDMUNet, RealismHead, UNet, preconditioning
 
 SMALL = dict(resolution=8, channels=2, num_classes=3, widths=(8, 16), num_blocks=1, attention_resolutions=(4,),
              dropout=0.3)
@@ -164,3 +164,17 @@ def test_cost_inputs_are_one_network_evaluation():
     args, kwargs = cost.example_inputs("edm_unet", model, 4)
     assert [a.shape for a in args] == [(4, 8, 8, 2), (4,), (4,)] and kwargs == {"train": False}
     assert float(args[1][0]) == 1.0 and args[2].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("side", [8, 5, 2, 1])
+def test_realism_head_reads_a_middle_map_of_any_side_into_one_logit_per_image(side):
+    """DMD2's realism head on maps of side r: one logit per image whatever r is (its second conv covers the
+    ceil(r/2) map the first leaves), each image's logit its own (changing image 0 leaves image 1's)."""
+    head = RealismHead()
+    h = jax.random.normal(jax.random.key(0), (3, side, side, 16))
+    params = head.init(jax.random.key(1), h)
+    assert params["params"]["pool"]["kernel"].shape[:2] == (-(-side // 2),) * 2
+    logits = head.apply(params, h)
+    assert logits.shape == (3,) and logits.dtype == jnp.float32
+    moved = head.apply(params, h.at[0].add(1.0))
+    assert moved[0] != logits[0] and moved[1] == logits[1]

@@ -329,8 +329,9 @@ class OneStepGenerator(nn.Module):
         if z.ndim != 2 or z.shape[1] != self.spec.z_dim:
             raise ValueError(f"z must have shape (B, {self.spec.z_dim}), got {z.shape}.")
         x = self.sigma_init * z.astype(jnp.float32).reshape(z.shape[0], *shape)
-        return EDMUNet(**self.denoiser_fields(), name="denoiser")(x, jnp.full((z.shape[0],), self.sigma_init, jnp.float32), labels, train=train,
-                   return_features=return_features)
+        sigma = jnp.full((z.shape[0],), self.sigma_init, jnp.float32)
+        return EDMUNet(**self.denoiser_fields(), name="denoiser")(x, sigma, labels, train=train,
+                                                                  return_features=return_features)
 
 
 def one_step_kwargs(denoiser_kwargs: dict[str, Any], sigma_init: float) -> dict[str, Any]:
@@ -343,3 +344,25 @@ def one_step_kwargs(denoiser_kwargs: dict[str, Any], sigma_init: float) -> dict[
 def from_denoiser(denoiser_params: Any) -> Any:
     """A `OneStepGenerator`'s params from its EDMUNet's: {"denoiser": params}."""
     return {"denoiser": denoiser_params}
+
+
+class RealismHead(nn.Module):
+    """DMD2's realism classifier head (Yin et al. 2024, their `cls_pred_branch`) on a denoiser's middle map h (B, r,
+    r, C) (the "mid" feature of `EDMUNet`, the fake denoiser's bottleneck):
+
+        conv 4x4 stride 2 ("same": to ceil(r/2)) -> GroupNorm -> SiLU -> conv ceil(r/2) x ceil(r/2) (valid: to 1 x 1)
+        -> GroupNorm -> SiLU -> Dense(1),
+
+    `features` channels throughout (0: C), GroupNorm groups as EDM's (`norm_groups`); returns the logits (B,) in
+    float32 that an image is real. (DMD2's head for 8 x 8 maps is the same with a 4x4 stride-4 second conv.)"""
+
+    features: int = 0
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        channels = self.features or h.shape[-1]
+        h = nn.Conv(channels, (4, 4), strides=(2, 2), padding="SAME", name="down")(h.astype(jnp.float32))
+        h = nn.silu(nn.GroupNorm(num_groups=norm_groups(channels), name="norm0")(h))
+        h = nn.Conv(channels, h.shape[1:3], padding="VALID", name="pool")(h)
+        h = nn.silu(nn.GroupNorm(num_groups=norm_groups(channels), name="norm1")(h))
+        return nn.Dense(1, name="logit")(h.reshape(h.shape[0], -1))[:, 0]

@@ -15,7 +15,9 @@ The teacher is an EDM denoiser bundle (`config.teacher.bundle`, the `diffusion_t
 - "dmd" (`kdjax.steps.distribution_matching`, DMD2, Yin et al. 2024): a one-step generator G(z) = D(sigma_max z;
   sigma_max) made of the teacher's network (`kdjax.models.edm.OneStepGenerator`) and started from its weights,
   trained data-free by the difference of the teacher and a fake denoiser (the teacher's network too, started
-  from its weights) that learns the generator's distribution online; phase `dmd`.
+  from its weights) that learns the generator's distribution online; phase `dmd`. With `config.dmd.gan.
+  generator_weight` > 0, DMD2's GAN term on the training images too: a realism head on the fake denoiser's middle
+  map (`kdjax.models.edm.RealismHead`), trained with it.
 
 Every phase resumes from its checkpoints (`workdir/<phase>/`) and exports its student as a model bundle
 (`workdir/<phase>/bundle`). The report (`report.md`, `report.json`): the teacher's Heun sampler at each step count
@@ -172,6 +174,9 @@ def check_dmd(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dmd.fake_updates_per_step={cfg.fake_updates_per_step} must be an integer >= 1.")
     if not cfg.fake_learning_rate > 0:
         raise ValueError(f"config.dmd.fake_learning_rate={cfg.fake_learning_rate} must be > 0.")
+    for field in ("generator_weight", "classifier_weight"):
+        if not cfg.gan[field] >= 0:
+            raise ValueError(f"config.dmd.gan.{field}={cfg.gan[field]} must be >= 0 (generator_weight 0: no GAN term).")
     checks.check_phase(cfg.train, "config.dmd.train")
 
 
@@ -269,15 +274,21 @@ def run_dmd(config, workdir, teacher_model, teacher_params, dataset, mesh, write
     fake_optimizer.learning_rate = cfg.fake_learning_rate
     tx_fake = optim.make_optimizer(fake_optimizer, cfg.train.num_steps * cfg.fake_updates_per_step)
     generator_state = {k: v for k, v in variables.items() if k != "params"}
+    gan, head = None, None
+    if cfg.gan.generator_weight > 0:  # DMD2's GAN term, on the training images
+        gan = distribution_matching.GANTerm(edm.RealismHead(), float(cfg.gan.generator_weight),
+                                            float(cfg.gan.classifier_weight))
+        head = distribution_matching.init_head(gan, fake, teacher_params, jax.random.fold_in(key, 2))
     state = parallel.replicate(distribution_matching.init_state(variables["params"], teacher_params, tx_g, tx_fake,
-                                                                generator_state), mesh)
+                                                                generator_state, head), mesh)
     step = distribution_matching.make_dmd_step(
         generator, fake, progressive.network_teacher(fake), tx_g, tx_fake, mesh, key, sigma_min=sampler.sigma_min,
-        sigma_max=sampler.sigma_max, rho=sampler.rho, fake_updates_per_step=int(cfg.fake_updates_per_step))
+        sigma_max=sampler.sigma_max, rho=sampler.rho, fake_updates_per_step=int(cfg.fake_updates_per_step), gan=gan)
     constants = parallel.replicate({"params": teacher_params}, mesh)
     local = distribution_matching.latent_batch(cfg.train.batch_size // jax.process_count())
-    state, finished = run_phase("dmd", config, workdir, state, lambda s, b: step(s, b, constants), (), cfg.train,
-                                mesh, writer, budget, batches=lambda start: itertools.repeat(local))
+    source, batches = (dataset.train, None) if gan else ((), lambda start: itertools.repeat(local))
+    state, finished = run_phase("dmd", config, workdir, state, lambda s, b: step(s, b, constants), source, cfg.train,
+                                mesh, writer, budget, batches=batches)
     if not finished:
         return None
     variables = {"params": parallel.to_host(state.generator), **parallel.to_host(state.generator_state)}
