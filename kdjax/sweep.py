@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                         help="one named setting (repeatable)")
     parser.add_argument("--workdir", default=None, help="default runs/sweep_NAME")
     parser.add_argument("--metrics", default=None,
-                        help="comma-separated figure paths or fnmatch patterns ('figures/*/fid') for the table and plot")
+                        help="comma-separated figure paths or fnmatch patterns ('figures/*/fid') for the table")
     args, rest = parser.parse_known_args(argv)
     try:
         bad = [a for a in rest if not a.startswith("--config.") or "=" not in a]
