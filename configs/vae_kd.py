@@ -21,7 +21,8 @@ steps for each tiny half, the report).
 
 import ml_collections
 
-from kdjax.config import PHOTOS_VAE, apply_arg, data_config, phase_train_config, photos_data_config, run_config
+from kdjax.config import (DIGITS32_JUDGE, PHOTOS_VAE, apply_arg, data_config, optimizer_config, phase_train_config,
+                          photos_data_config, run_config)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -57,6 +58,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.kd = ml_collections.ConfigDict(dict(
         w_teacher=1.0,  # L1 to the teacher decoder's image of the same latent (TAESD's target)
         w_target=0.0,  # L1 to the real crop
+        # TAESD's perceptual term (0 = off): the perceptual distance between a judge's feature maps of the tiny
+        # decoder's image and the teacher decoder's; `judge` a classifier bundle taking the training images (the
+        # digits judge for :digits; none exists for photographs here)
+        w_perceptual=0.0,
+        judge="",
+        # TAESD's adversarial term (0 = off): a discriminator on the central window (the largest power of two <=
+        # the crop) of the real crops (real) and the tiny decoder's images (fake); the kd phase only
+        w_adv=0.0,
+        adv_loss="logistic",  # "logistic" (non-saturating) or "hinge"
+        discriminator=ml_collections.ConfigDict(dict(
+            model="dcgan_discriminator", kwargs=ml_collections.ConfigDict(dict(width=32, width_max=128)))),
+        d_optimizer=optimizer_config("adam", 1e-4, b1=0.9, b2=0.999),
     ))
     return apply_arg(config, arg, VARIANTS, where="configs/vae_kd.py")
 
@@ -72,6 +85,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.teacher.kwargs.update(dict(widths=(8, 8, 16), latent_channels=2, res_blocks=0, norm_groups=4))
     for role in ("tiny_decoder", "tiny_encoder"):
         config[role].kwargs.update(dict(features=8, blocks=0))
+    config.kd.discriminator.kwargs.update(dict(width=8, width_max=16))
     for block in (config.teacher, config.tiny_decoder, config.tiny_encoder):
         block.train.num_steps = 8
         block.train.batch_size = 8
@@ -99,6 +113,7 @@ def digits(config: ml_collections.ConfigDict) -> None:
     for role in ("tiny_decoder", "tiny_encoder"):
         config[role].kwargs.update(dict(features=16, blocks=2))
         config[role].train.update(dict(num_steps=2000, batch_size=64))
+    config.kd.judge = str(DIGITS32_JUDGE)  # for the perceptual term (kd.w_perceptual > 0)
 
 
 VARIANTS = {"tiny": tiny, "teacher": teacher, "digits": digits}

@@ -18,6 +18,7 @@ from kdjax import models, train
 from kdjax.core import degradations, images, parallel, photos
 from kdjax.evaluation.restoration import restoration_metrics
 from kdjax.models import bundles
+from kdjax.steps.restoration import Adversary, init_discriminator
 from kdjax.steps.state import TrainState
 from kdjax.steps.vae import TinyDistillation, make_distill_step, objective
 from kdjax.tasks import vae_kd
@@ -67,39 +68,108 @@ def test_objective_terms_against_numpy(tiny_models):
     l1_teacher, l1_target = np.abs(s_image - t_image).mean(), np.abs(s_image - as_np(x)).mean()
 
     kd = TinyDistillation(teacher, "decoder", w_teacher=0.7, w_target=0.4)
-    loss, terms = objective(decoder, d_params, x, kd, t_vars)
+    loss, (terms, _) = objective(decoder, d_params, x, kd, t_vars)
     np.testing.assert_allclose(terms["l1_teacher"], l1_teacher, rtol=1e-5)
     np.testing.assert_allclose(terms["l1_target"], l1_target, rtol=1e-5)
     np.testing.assert_allclose(loss, 0.7 * l1_teacher + 0.4 * l1_target, rtol=1e-5)
-    scratch, terms = objective(decoder, d_params, x, TinyDistillation(teacher, "decoder", 0.0, 1.0), t_vars)
+    scratch, (terms, _) = objective(decoder, d_params, x, TinyDistillation(teacher, "decoder", 0.0, 1.0), t_vars)
     assert set(terms) == {"l1_target"}
     np.testing.assert_allclose(scratch, l1_target, rtol=1e-5)
-    mse, terms = objective(encoder, e_params, x, TinyDistillation(teacher, "encoder"), t_vars)
+    mse, (terms, _) = objective(encoder, e_params, x, TinyDistillation(teacher, "encoder"), t_vars)
     np.testing.assert_allclose(mse, ((as_np(encoder.apply({"params": e_params}, x)) - mean) ** 2).mean(), rtol=1e-5)
     with pytest.raises(ValueError, match=r"role='middle'; valid: \['decoder', 'encoder'\]"):
         TinyDistillation(teacher, "middle")
 
 
-def test_decoder_kd_step_on_8_devices_equals_1(tiny_models):
+def tiny_judge():
+    """A random 16x16 grey classifier (a ResNet: BatchNorm, so its variables carry batch statistics)."""
+    judge = models.build_model("resnet", num_classes=3, widths=(4, 8), blocks_per_stage=(1, 1))
+    variables = random_variables(judge, (1, 16, 16, 1), 3)
+    stats = jax.tree_util.tree_map_with_path(  # running variances must be positive
+        lambda path, v: 1.0 + jnp.abs(v) if "var" in jax.tree_util.keystr(path) else v, variables["batch_stats"])
+    return judge, {**variables, "batch_stats": stats}
+
+
+def tiny_adversary():
+    discriminator = models.build_model("dcgan_discriminator", resolution=16, img_channels=1, width=4, width_max=8)
+    return Adversary(discriminator, optax.sgd(0.1), 0.3, 16, "logistic")
+
+
+def test_perceptual_and_adversarial_terms_against_independent_computations(tiny_models):
+    """TAESD's terms: the perceptual term is LPIPS's baseline distance computed here in numpy (per layer, channel
+    vectors divided by their norm, squared distance summed over channels, averaged over positions, layers and
+    images) between the judge's maps (its "pool" vector left out) of the tiny decoder's and the teacher decoder's
+    images; the adversarial term is softplus(-D(D_s(z))) averaged; the loss adds them with their weights. 16 x 16
+    images (the DCGAN discriminator's smallest)."""
+    teacher, t_vars, decoder, d_params, _, _ = tiny_models
+    judge, j_vars = tiny_judge()
+    adversary = tiny_adversary()
+    disc = random_variables(adversary.discriminator, (1, 16, 16, 1), 4)
+    x = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (3, 16, 16, 1)), jnp.float32)
+    mean = teacher.apply(t_vars, x)["mean"]
+    t_image = teacher.apply(t_vars, mean, method=type(teacher).decode)
+    s_image = decoder.apply({"params": d_params}, mean)
+    maps = lambda v: {k: np.asarray(f, np.float64) for k, f in judge.apply(j_vars, v, return_features=True)[1].items()
+                      if k != "pool"}
+    s_maps, t_maps = maps(s_image), maps(t_image)
+    norm = lambda f: f / (np.sqrt((f ** 2).sum(-1, keepdims=True)) + 1e-10)  # LPIPS's; all-zero vectors stay 0
+    as4 = lambda f: f[:, None, None, :] if f.ndim == 2 else f
+    perceptual = np.mean([((norm(as4(s_maps[k])) - norm(as4(t_maps[k]))) ** 2).sum(-1).mean() for k in s_maps])
+    logits = np.asarray(adversary.discriminator.apply(disc, s_image, None), np.float64)
+    adv = np.log1p(np.exp(-logits)).mean()
+    l1_teacher = np.abs(np.asarray(s_image, np.float64) - np.asarray(t_image, np.float64)).mean()
+
+    kd = TinyDistillation(teacher, "decoder", 1.0, 0.0, w_perceptual=0.4, judge=judge, adversary=adversary)
+    loss, (terms, decoded) = objective(decoder, d_params, x, kd, t_vars, j_vars, disc["params"])
+    assert set(terms) == {"l1_target", "l1_teacher", "perceptual", "adv"} and perceptual > 1e-3
+    np.testing.assert_allclose(terms["perceptual"], perceptual, rtol=1e-4)
+    np.testing.assert_allclose(terms["adv"], adv, rtol=1e-5)
+    np.testing.assert_allclose(loss, l1_teacher + 0.4 * perceptual + 0.3 * adv, rtol=1e-4)
+    np.testing.assert_allclose(decoded, s_image, rtol=1e-6)
+    with pytest.raises(ValueError, match="w_perceptual=0.4 needs a judge"):
+        TinyDistillation(teacher, "decoder", w_perceptual=0.4)
+    with pytest.raises(ValueError, match="the tiny encoder learns the latent MSE alone"):
+        TinyDistillation(teacher, "encoder", adversary=adversary)
+
+
+@pytest.mark.parametrize("taesd_terms", [False, True])
+def test_decoder_kd_step_on_8_devices_equals_1(tiny_models, taesd_terms):
     """One SGD step with both decoder terms on a batch of 16: 8 devices give the 1-device parameters (a pmean
     of per-device gradients would make them 8 times too large). The tolerance is float32 round-off: the 8 devices
     sum the L1 terms' gradients in another order, and at XLA's lowest optimisation level (the test suite's,
-    conftest.py) one bias differed by 2.7e-5 relative."""
+    conftest.py) one bias differed by 2.7e-5 relative. With TAESD's perceptual and adversarial terms the same,
+    the discriminator's update included (it moves)."""
     teacher, t_vars, decoder, d_params, _, _ = tiny_models
-    kd = TinyDistillation(teacher, "decoder", w_teacher=0.6, w_target=0.5)
-    batch = {"image": np.random.default_rng(2).uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)}
+    judge, j_vars = tiny_judge()
+    adversary = tiny_adversary() if taesd_terms else None
+    kd = TinyDistillation(teacher, "decoder", w_teacher=0.6, w_target=0.5, w_perceptual=0.5 * taesd_terms,
+                          judge=judge if taesd_terms else None, adversary=adversary)
+    side = 16 if taesd_terms else 8  # the DCGAN discriminator's smallest images
+    batch = {"image": np.random.default_rng(2).uniform(-1, 1, (16, side, side, 1)).astype(np.float32)}
     tx = optax.sgd(0.5)
-    params = []
+    model_state = ({"discriminator": init_discriminator(adversary, 1, jax.random.key(6))} if taesd_terms else {})
+    results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.make_mesh(devices)
-        state = parallel.replicate(TrainState.create({"params": d_params}, tx), mesh)
-        state, _ = make_distill_step(decoder, tx, mesh, kd)(state, parallel.global_batch(batch, mesh),
-                                                           parallel.replicate(t_vars, mesh))
-        params.append(jax.tree.leaves(parallel.to_host(state.params)))
+        state = parallel.replicate(TrainState.create({"params": d_params, **model_state}, tx), mesh)
+        state, metrics = make_distill_step(decoder, tx, mesh, kd)(
+            state, parallel.global_batch(batch, mesh), parallel.replicate(t_vars, mesh),
+            parallel.replicate(j_vars if taesd_terms else {}, mesh))
+        results.append((parallel.to_host(state), jax.tree.map(float, metrics.compute())))
     assert len(jax.devices()) == 8
-    for a, b in zip(*params, strict=True):
+    (one, metrics_one), (eight, metrics_eight) = results
+    for a, b in zip(jax.tree.leaves((one.params, one.model_state)), jax.tree.leaves((eight.params, eight.model_state)),
+                    strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert not any(np.array_equal(a, b) for a, b in zip(params[0], jax.tree.leaves(d_params), strict=True))
+    for name, value in metrics_one.items():
+        assert metrics_eight[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(d_params),
+                                                        strict=True))
+    if taesd_terms:
+        assert {"perceptual", "adv", "d_loss"} <= set(metrics_one)
+        moved = jax.tree.leaves(one.model_state["discriminator"]["params"])
+        assert not all(np.array_equal(a, b) for a, b in zip(moved, jax.tree.leaves(
+            model_state["discriminator"]["params"]), strict=True))
 
 
 # ----------------------------------------------------------------------------------------- the data
@@ -176,6 +246,11 @@ def test_tiny_run_reports_every_pipeline_and_the_tiny_decoder_moves_to_the_teach
     ("data.source=flickr", "config.data.source='flickr' is not a photo source; valid: ['skimage', 'lfw', 'folder']"),
     ("digits,data.resolution=30", "config.data.resolution=30 must be a multiple of the teacher's downsampling "
                                   "factor 4"),
+    ("kd.w_perceptual=0.1", "config.kd.w_perceptual=0.1 needs config.kd.judge, a classifier bundle"),
+    ("digits,kd.w_perceptual=0.1,data.resolution=16", "takes images of shape (32, 32, 1); the training images are "
+                                                      "(16, 16, 1)"),
+    ("kd.w_adv=-0.5", "config.kd.w_adv=-0.5 must be >= 0"),
+    ("kd.w_adv=0.1,kd.adv_loss=wasserstein", "config.kd.adv_loss='wasserstein'; valid: ['hinge', 'logistic']"),
 ])
 def test_bad_config_values_fail_before_compute(override, message):
     if ".kwargs." in override:  # new model fields: set on the loaded config (kwargs blocks stay open)
@@ -204,6 +279,23 @@ def test_teacher_bundle_must_be_a_vae_of_the_datas_channels(tiny_run):
         config.teacher.checkpoint = str(bundle)
         with pytest.raises(ValueError, match=f"holds a {held}; a latent_autoencoder bundle is needed"):
             train.check_config(config)
+
+
+def test_the_adversarial_term_trains_the_kd_decoder_with_a_discriminator(tiny_run, tmp_path):
+    """The tiny run with TAESD's adversarial term (w_adv 0.5, the tiny teacher of the reference run): the report
+    names it, and the KD decoder ends elsewhere than without it (same seed, data and initialisation) while the
+    scratch decoder, which has no such term, is the reference run's bitwise."""
+    reference, _ = tiny_run
+    config = load_config("tiny,kd.w_adv=0.5")
+    config.teacher.checkpoint = str(reference / "teacher" / "bundle")
+    train.check_config(config)
+    out = train.train_and_evaluate(config, tmp_path)
+    assert out["kd"]["w_adv"] == 0.5 and "w_adv = 0.5" in (tmp_path / "report.md").read_text()
+    load = lambda root, phase: jax.tree.leaves(bundles.load_model_bundle(root / phase / "bundle")[1])
+    assert max(np.abs(a - b).max() for a, b in zip(load(tmp_path, "tiny_decoder_kd"),
+                                                   load(reference, "tiny_decoder_kd"), strict=True)) > 1e-6
+    for a, b in zip(load(tmp_path, "tiny_decoder_scratch"), load(reference, "tiny_decoder_scratch"), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_shipped_vae_fits_the_default_config_and_beats_bicubic_at_its_factor():

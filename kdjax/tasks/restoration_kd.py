@@ -34,16 +34,17 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from kdjax import losses, models
+from kdjax import models
 from kdjax.core import degradations, images, optim, parallel, photos, summaries
 from kdjax.evaluation import cost, report
 from kdjax.evaluation.restoration import restoration_metrics
 from kdjax.models import bundles
 from kdjax.steps import loop
-from kdjax.steps.restoration import (Adversary, Distillation, feature_shapes, init_adapters, init_discriminator,
-                                     make_adapters, make_train_step, window_size)
+from kdjax.steps.restoration import (Distillation, feature_shapes, init_adapters, init_discriminator, make_adapters,
+                                     make_train_step)
 from kdjax.steps.state import TrainState
 from kdjax.tasks import checks
+from kdjax.tasks.image_adversary import adversary, check_adversary
 from kdjax.tasks.phase import model_from_block, run_phase
 
 PHASES = ("teacher", "student_kd", "student_scratch")
@@ -131,11 +132,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                  also_taken=("scale", "extra_inputs"))
         checks.check_phase(config[role].train, f"config.{role}.train")
     checks.check_fraction(config.kd.alpha, "config.kd.alpha")
-    for field in ("w_feat", "w_fakd", "w_adv"):
+    for field in ("w_feat", "w_fakd"):
         if not config.kd[field] >= 0:
             raise ValueError(f"config.kd.{field}={config.kd[field]} must be >= 0 (0 turns the term off).")
-    if config.kd.w_adv > 0:
-        check_adversary(config)
+    check_adversary(config.kd, config.data.crop, config.data.channels, "config.data.crop")
     student = build(config.student, channels, scale, extra, jnp.float32)[0]
     check_spec(student, f"config.student (model {config.student.model!r})", channels, scale, extra, name)
     if config.teacher.checkpoint:
@@ -147,23 +147,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         teacher = build(config.teacher, channels, scale, extra, jnp.float32)[0]
         check_spec(teacher, f"config.teacher (model {config.teacher.model!r})", channels, scale, extra, name)
     check_pairs(feature_pairs(config.kd.pairs), student, teacher, (1, crop // scale, crop // scale, channels + extra))
-
-
-def check_adversary(config: ml_collections.ConfigDict) -> None:
-    """`config.kd`'s discriminator, loss and optimizer, for the adversarial term (w_adv > 0)."""
-    if config.kd.adv_loss not in losses.ADVERSARIAL:
-        raise ValueError(f"config.kd.adv_loss={config.kd.adv_loss!r}; valid: {sorted(losses.ADVERSARIAL)}.")
-    checks.check_model_block(config.kd.discriminator, "config.kd.discriminator", "discriminator",
-                             taken_from="config.data.crop and config.data.channels")
-    window = window_size(config.data.crop)
-    discriminator = adversary(config, jnp.float32).discriminator
-    try:
-        jax.eval_shape(lambda k: discriminator.init(k, jnp.zeros((1, window, window, config.data.channels)), None),
-                       jax.random.key(0))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"config.kd.discriminator ({config.kd.discriminator.model!r}) cannot judge the "
-                         f"{window} x {window} windows of config.data.crop={config.data.crop}: {e}") from e
-    optim.check_optimizer_config(config.kd.d_optimizer, "config.kd.d_optimizer")
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -191,23 +174,14 @@ def train_phase(phase: str, config: ml_collections.ConfigDict, workdir: pathlib.
     return {"params": state.params["student"]}, finished
 
 
-def adversary(config: ml_collections.ConfigDict, dtype: Any) -> Adversary | None:
-    """The optional adversarial term from `config.kd` (None when w_adv is 0): `kd.discriminator` built for
-    windows of `window_size(crop)` pixels of the data's channels, `kd.d_optimizer` over the student's steps."""
-    if config.kd.w_adv == 0:
-        return None
-    window = window_size(config.data.crop)
-    discriminator, _ = model_from_block(config.kd.discriminator, (window, config.data.channels, 0), dtype)
-    tx = optim.make_optimizer(config.kd.d_optimizer, config.student.train.num_steps)
-    return Adversary(discriminator, tx, config.kd.w_adv, window, config.kd.adv_loss)
-
-
 def distillation(config: ml_collections.ConfigDict, student: nn.Module, teacher: nn.Module,
                  input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> Distillation:
     """The student_kd phase's `Distillation` from `config.kd`."""
     pairs = feature_pairs(config.kd.pairs)
     return Distillation(teacher, config.kd.alpha, config.kd.w_feat, config.kd.w_fakd, pairs,
-                        make_adapters(student, teacher, pairs, input_shape), adversary(config, dtype))
+                        make_adapters(student, teacher, pairs, input_shape),
+                        adversary(config.kd, config.data.crop, config.data.channels, config.student.train.num_steps,
+                                  dtype))
 
 
 # ----------------------------------------------------------------------------------------- evaluation

@@ -43,8 +43,10 @@ from kdjax.evaluation.restoration import restoration_metrics
 from kdjax.models import bundles
 from kdjax.steps import loop
 from kdjax.steps.state import TrainState
+from kdjax.steps.restoration import init_discriminator
 from kdjax.steps.vae import RECONSTRUCTION, TinyDistillation, make_distill_step, make_vae_step
 from kdjax.tasks import checks
+from kdjax.tasks.image_adversary import adversary, check_adversary
 from kdjax.tasks.phase import model_from_block, run_phase
 
 PHASES = ("teacher", "tiny_decoder_kd", "tiny_decoder_scratch", "tiny_encoder")
@@ -142,6 +144,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.kd.w_teacher + config.kd.w_target <= 0:
         raise ValueError("config.kd.w_teacher and config.kd.w_target are both 0: the tiny decoder would learn "
                          "nothing; set at least one > 0.")
+    if not config.kd.w_perceptual >= 0:
+        raise ValueError(f"config.kd.w_perceptual={config.kd.w_perceptual} must be >= 0 (0 turns the term off).")
+    if config.kd.w_perceptual > 0:
+        check_judge(config, side)
+    check_adversary(config.kd, side, config.data.channels, field)
+
+
+def check_judge(config: ml_collections.ConfigDict, side: int) -> None:
+    """The perceptual term's judge: a classifier bundle whose input is the training images (side, channels)."""
+    if not config.kd.judge:
+        raise ValueError(f"config.kd.w_perceptual={config.kd.w_perceptual} needs config.kd.judge, a classifier bundle "
+                         "taking the training images (e.g. kdjax/pretrained/digits32/judge for :digits).")
+    meta = bundles.check_model_bundle(config.kd.judge, "config.kd.judge", kind="classifier")
+    judged = tuple(meta.get("input_shape", ()))
+    if judged != (side, side, config.data.channels):
+        raise ValueError(f"config.kd.judge={config.kd.judge!r} takes images of shape {judged}; the training images "
+                         f"are {(side, side, config.data.channels)}.")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -195,11 +214,12 @@ def initial_params(model: nn.Module, input_shape: tuple[int, ...], key: jax.Arra
 
 def train_phase(phase: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, train_cfg, params: Any,
                 make_step: Callable, batches: Callable, mesh: Mesh, writer, budget: loop.StepBudget,
-                constants: tuple[Any, ...] = ()) -> tuple[dict[str, Any], bool]:
-    """Trains one phase from `params` (`make_step(tx)` builds its step; `constants` its frozen arguments);
-    returns (the model's variables, finished)."""
+                constants: tuple[Any, ...] = (), model_state: Mapping[str, Any] | None = None
+                ) -> tuple[dict[str, Any], bool]:
+    """Trains one phase from `params` and `model_state` (e.g. {"discriminator": ...}; `make_step(tx)` builds its
+    step; `constants` its frozen arguments); returns (the model's variables, finished)."""
     tx = optim.make_optimizer(train_cfg.optimizer, train_cfg.num_steps)
-    state = parallel.replicate(TrainState.create({"params": params}, tx), mesh)
+    state = parallel.replicate(TrainState.create({"params": params, **(model_state or {})}, tx), mesh)
     step = make_step(tx)
     state, finished = run_phase(phase, config, workdir, state, lambda s, b: step(s, b, *constants), (), train_cfg,
                                 mesh, writer, budget, batches=batches(train_cfg.batch_size))
@@ -351,8 +371,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     decoder, decoder_kwargs = build_tiny(config, "tiny_decoder", spec, dtype)
     encoder, encoder_kwargs = build_tiny(config, "tiny_encoder", spec, dtype)
     decoder_init = initial_params(decoder, latent, jax.random.fold_in(init_key, 1))
+    judge, judge_vars = None, {}
+    if config.kd.w_perceptual > 0:
+        judge, judge_vars, _ = bundles.load_model(config.kd.judge, "config.kd.judge", mesh)
+    kd_adversary = adversary(config.kd, side, channels, config.tiny_decoder.train.num_steps, dtype)
+    kd_state = ({"discriminator": init_discriminator(kd_adversary, channels, jax.random.fold_in(init_key, 3))}
+                if kd_adversary is not None else {})
     phases = (("tiny_decoder_kd", decoder, decoder_kwargs, decoder_init,
-               TinyDistillation(teacher, "decoder", config.kd.w_teacher, config.kd.w_target)),
+               TinyDistillation(teacher, "decoder", config.kd.w_teacher, config.kd.w_target, config.kd.w_perceptual,
+                                judge, kd_adversary)),
               ("tiny_decoder_scratch", decoder, decoder_kwargs, decoder_init,
                TinyDistillation(teacher, "decoder", w_teacher=0.0, w_target=1.0)),
               ("tiny_encoder", encoder, encoder_kwargs,
@@ -362,7 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         block = config["tiny_encoder" if kd.role == "encoder" else "tiny_decoder"]
         make_step = lambda tx, model=model, kd=kd: make_distill_step(model, tx, mesh, kd)
         variables, finished = train_phase(phase, config, workdir, block.train, params, make_step, batches, mesh,
-                                          writer, budget, (teacher_vars,))
+                                          writer, budget, (teacher_vars, judge_vars),
+                                          kd_state if phase == "tiny_decoder_kd" else None)
         if not finished:
             return None
         trained[phase] = (model, variables)
@@ -378,7 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "eval_max_side": config.data.eval_max_side if uses_photos(config) else 0,
         "teacher_loss": ({"beta": config.teacher.beta, "recon": config.teacher.recon} if not config.teacher.checkpoint
                          else {"checkpoint": config.teacher.checkpoint}),
-        "kd": {"w_teacher": config.kd.w_teacher, "w_target": config.kd.w_target},
+        "kd": {"w_teacher": config.kd.w_teacher, "w_target": config.kd.w_target,
+               "w_perceptual": config.kd.w_perceptual, "judge": config.kd.judge if config.kd.w_perceptual else "",
+               "w_adv": config.kd.w_adv},
         "device": cost.device_name(), **rows, "cost": costs(trained)}
     out["test_image_sizes"] = [list(s) for s in out["test_image_sizes"]]
     if validation:  # the images to choose settings on: the same scores, no costs
@@ -424,8 +454,10 @@ def report_text(out: Mapping[str, Any]) -> str:
             f"Factor {out['factor']}, {out['latent_channels']} latent channels. Costs: the teacher's halves "
             f"(its decode and encode alone) and the tiny ones, XLA's FLOPs of one forward pass at {side}x{side} "
             f"images (latents {side // out['factor']}x{side // out['factor']}); images/s at batch {COST_BATCH} on "
-            f"{out['device']}. tiny_decoder_kd: w_teacher = {kd['w_teacher']}, w_target = {kd['w_target']} "
-            "(tiny_decoder_scratch: 0 and 1; no perceptual or adversarial term). The tiny decoder at initialisation: "
+            f"{out['device']}. tiny_decoder_kd: w_teacher = {kd['w_teacher']}, w_target = {kd['w_target']}, "
+            f"w_perceptual = {kd['w_perceptual']}" + (f" (judge {kd['judge']})" if kd["judge"] else "")
+            + f", w_adv = {kd['w_adv']} (tiny_decoder_scratch: 0 and 1; no perceptual or adversarial term). "
+            "The tiny decoder at initialisation: "
             f"PSNR {init['psnr']:.2f} dB, L1 vs teacher {init['l1_vs_teacher']:.4f}. crops.png columns: "
             f"{', '.join(CROP_COLUMNS)}." + validation_text(out))
 
