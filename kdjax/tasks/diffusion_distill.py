@@ -374,7 +374,7 @@ def sample_student(student: Student, num_classes: int, count: int, batch: int, k
         labels = (jnp.arange(b * batch, (b + 1) * batch) % num_classes).astype(jnp.int32) if num_classes else None
         return jax.block_until_ready(student.sample(jax.random.fold_in(key, b), labels))
 
-    return timed_batches(run, count, batch)
+    return timed_batches(run, count, batch, desc=student.name)
 
 
 # ----------------------------------------------------------------------------------------- the task
@@ -416,10 +416,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: 
     teacher_config = ml_collections.ConfigDict(dict(
         steps=tuple(sampler.teacher_steps), preview_steps=1, sigma_min=sampler.sigma_min,
         sigma_max=sampler.sigma_max, rho=sampler.rho))
-    samples, grids = [], []
+    samples = []
     for steps in sampler.teacher_steps:
         x, nfe, rate = sample_batches(teacher, teacher_params, "heun", noise_levels(teacher_config, "heun", steps),
-                                      steps, config.eval.num_samples, batch, key)
+                                      steps, config.eval.num_samples, batch, key, desc=f"teacher Heun {steps}-step")
         samples.append(x)
         out["rows"].append({"model": "teacher", "sampler": f"Heun {steps}-step", "nfe": nfe,
                             "flops_per_image": nfe * flops, "images_per_s": rate,

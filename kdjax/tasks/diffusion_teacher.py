@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from kdjax import models
 from kdjax.core import data, images, optim, parallel, summaries
@@ -103,10 +104,10 @@ def generate(model: nn.Module, method: str, shape: tuple[int, ...], params: Any,
 
 
 def sample_batches(model: nn.Module, params: Any, method: str, sigmas: jax.Array, num_steps: int, count: int,
-                   batch: int, key: jax.Array) -> tuple[np.ndarray, int, float]:
+                   batch: int, key: jax.Array, desc: str = "") -> tuple[np.ndarray, int, float]:
     """(count images in about [-1, 1], nfe per image, images/s) by `method` over `num_steps` steps of `sigmas`:
     batch b from fold_in(key, b), labels b * batch + i mod classes when conditional. The rate times the batches
-    after the first (which may compile), or a second run of the only one."""
+    after the first (which may compile), or a second run of the only one. With `desc`, progress is logged."""
     spec = model.spec
     shape = (batch, spec.resolution, spec.resolution, spec.channels)
 
@@ -116,18 +117,28 @@ def sample_batches(model: nn.Module, params: Any, method: str, sigmas: jax.Array
         return jax.block_until_ready(generate(model, method, shape, params, jax.random.fold_in(key, b), labels,
                                               sigmas, jnp.int32(num_steps)))
 
-    (images, nfes), rate = timed_batches(run, count, batch)
+    (images, nfes), rate = timed_batches(run, count, batch, desc)
     return images, int(nfes[0]), rate
 
 
-def timed_batches(run: Callable[[int], Any], count: int, batch: int) -> tuple[Any, float]:
+def timed_batches(run: Callable[[int], Any], count: int, batch: int, desc: str = "",
+                  log_every_s: float = 30.0) -> tuple[Any, float]:
     """Runs `run(b)` (a batch of `batch` images, or a tuple whose first element is one) for the batches b that
     make `count` images; returns (the outputs concatenated and cut to `count`, images/s). The rate times the
-    batches after the first (which may compile), or a second run of the only one."""
+    batches after the first (which may compile), or a second run of the only one. With `desc`, logs the images
+    done, images/s and the ETA every `log_every_s` seconds and at the end."""
     num_batches = -(-count // batch)
     first = run(0)  # compiles
-    start = time.perf_counter()
-    rest = [run(b) for b in range(1, num_batches)]
+    start = last_log = time.perf_counter()
+    rest = []
+    for b in range(1, num_batches):
+        rest.append(run(b))
+        now = time.perf_counter()
+        if desc and (now - last_log >= log_every_s or b == num_batches - 1):
+            rate = b * batch / (now - start)
+            logging.info("sampling %s: %d/%d images, %.1f images/s, ETA %.0f s", desc, min((b + 1) * batch, count),
+                         count, rate, (num_batches - 1 - b) * batch / rate)
+            last_log = now
     if not rest:
         run(0)
     rate = batch * max(num_batches - 1, 1) / (time.perf_counter() - start)
@@ -202,7 +213,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, model: nn
         for num_steps in config.sampler.steps:
             sigmas = noise_levels(config.sampler, method, num_steps)
             sampled, nfe, rate = sample_batches(model, params, method, sigmas, num_steps, config.eval.num_samples,
-                                                batch, key)
+                                                batch, key, desc=f"{method} {num_steps}-step")
             row = {"method": method, "steps": int(num_steps), "nfe": nfe, "flops_per_image": nfe * flops,
                    "images_per_s": rate}
             if judged is not None:
