@@ -199,7 +199,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
+    from absl import logging as absl_logging
+
     from kdjax.core import summaries
 
+    # Each run's progress (steps/s, ETA, metrics) as `launch.py` shows it: absl's INFO lines on stderr (without
+    # absl.app, absl logs only warnings).
+    absl_logging.use_absl_handler()
+    absl_logging.set_verbosity(absl_logging.INFO)
     summaries.quiet_library_logs()
     main()

@@ -97,3 +97,14 @@ def test_metric_patterns_expand_to_every_matching_path_once():
         "figures/dmd/dmd2_one-step/fid", "figures/progressive/progressive_4-step/fid",
         "figures/teacher/heun_16-step/fid", "num_samples", "missing/path", "figures/teacher/heun_16-step/kid"]
     assert sweep.expand_metrics(["nothing/*"], settings) == []
+
+
+def test_the_sweep_command_shows_each_runs_progress(tmp_path):
+    """`python -m kdjax.sweep` prints what `launch.py` prints for every run: the loop's progress (steps/s, ETA)
+    and the phases' metrics, not only the sweep's own lines."""
+    result = subprocess.run([sys.executable, "-m", "kdjax.sweep", f"--config={CONFIG}", f"--workdir={tmp_path}",
+                             "--seeds=1", "--config.teacher.train.num_steps=4", "--config.student.train.num_steps=4"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "kdjax.sweep: 1/1 done" in result.stdout
+    assert "ETA" in result.stderr and "steps_per_sec" in result.stderr, result.stderr[-2000:]
