@@ -6,6 +6,7 @@ photographs.
     python launch.py --config=configs/vae_kd.py:tiny           # seconds; what the tests run
     python launch.py --config=configs/vae_kd.py:teacher        # trains the shipped VAE (only the teacher is kept)
     python launch.py --config=configs/vae_kd.py:digits         # 32x32 digits, test split
+    python launch.py --config=configs/vae_kd.py:vq             # a VQ-VAE teacher (256 codes), trained in the run
     python launch.py --config=configs/vae_kd.py:kd.w_target=0.5   # KD decoder also pulled to the real crop
 
 Phases (`kdjax/tasks/vae_kd.py`): the VAE teacher (the shipped bundle `kdjax/pretrained/photos/vae`, or trained here
@@ -39,9 +40,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # The shipped VAE (kdjax/pretrained/README.md: how it was made); "" trains one here with `train`.
         checkpoint=str(PHOTOS_VAE),
         # weight of the KL term (per latent dimension) against the reconstruction (per pixel); the tiny decoder
-        # soft-clamps latents to (-3, 3) as TAESD does, so a larger beta keeps them nearer that range
+        # soft-clamps latents to (-3, 3) as TAESD does, so a larger beta keeps them nearer that range. With a
+        # quantised latent (kwargs.num_codes > 0, :vq) the commitment term's weight instead.
         beta=1e-3,
         recon="l1",  # "l1" | "l2": the reconstruction term
+        vq_decay=0.99,  # the codebook's EMA decay (quantised latent only)
         train=phase_train_config(2000, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
     ))
     # latent_channels and factor come from the teacher, channels from the data.
@@ -116,4 +119,15 @@ def digits(config: ml_collections.ConfigDict) -> None:
     config.kd.judge = str(DIGITS32_JUDGE)  # for the perceptual term (kd.w_perceptual > 0)
 
 
-VARIANTS = {"tiny": tiny, "teacher": teacher, "digits": digits}
+def vq(config: ml_collections.ConfigDict) -> None:
+    """A vector-quantised teacher (VQ-VAE: 256 codes of latent_channels dimensions, commitment weight 0.25, the
+    codebook by EMA), trained in the run (no VQ teacher is shipped); the tiny halves read and predict its quantised
+    latents."""
+    config.teacher.checkpoint = ""
+    config.teacher.kwargs.num_codes = 256
+    config.teacher.beta = 0.25
+    if config.teacher.kwargs.widths == (8, 8, 16):  # after `tiny`: a small codebook
+        config.teacher.kwargs.num_codes = 16
+
+
+VARIANTS = {"tiny": tiny, "teacher": teacher, "digits": digits, "vq": vq}

@@ -221,3 +221,43 @@ def test_bad_inputs_raise_one_clear_error(name, kwargs, shape, message):
     model = models.build_model(name, **kwargs)
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(model.init, RNGS, jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def test_a_quantised_latent_is_the_nearest_code_and_its_step_moves_the_codebook_by_ema():
+    """num_codes = 8: `encode` gives each latent vector's nearest codebook entry (numpy's argmin of squared
+    distances to the encoder's z_e), `snap` quantises any latent (and is the identity for a KL VAE), training's
+    reconstruction passes z_q straight through; one step of `kdjax.steps.vqvae` with this model (L1 reconstruction)
+    moves the codebook by EMA and reports the loss as L1 + beta * commitment."""
+    from kdjax.steps.vqvae import make_train_step
+
+    model = models.build_model("vae", channels=1, latent_channels=3, widths=(8, 8), res_blocks=0, norm_groups=0,
+                               num_codes=8)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    assert set(variables) == {"params", "vq"} and variables["vq"]["codebook"].shape == (8, 3)
+    out = model.apply(variables, x)
+    z_e, codebook = np.asarray(out["z_e"], np.float64), np.asarray(variables["vq"]["codebook"], np.float64)
+    nearest = np.argmin(((z_e[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
+    np.testing.assert_array_equal(out["codes"], nearest)
+    np.testing.assert_allclose(out["z_q"], codebook[nearest], rtol=1e-6)
+    mean, logvar = model.apply(variables, x, method=type(model).encode)
+    np.testing.assert_allclose(mean, codebook[nearest], rtol=1e-6)
+    assert float(logvar.max()) == -30.0  # a point mass: the log-variance's floor
+    np.testing.assert_allclose(model.apply(variables, out["z_e"], method=type(model).snap), out["z_q"], rtol=1e-6)
+    kl_vae = models.build_model("vae", channels=1, latent_channels=3, widths=(8, 8), res_blocks=0, norm_groups=0)
+    kl_vars = kl_vae.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(kl_vae.apply(kl_vars, out["z_e"], method=type(kl_vae).snap), out["z_e"])
+
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tx = optax.sgd(0.01)
+    state = TrainState.create(jax.tree.map(jnp.copy, variables), tx)  # init returns the codebook twice (EMA sums)
+    step = make_train_step(model, tx, mesh, beta=0.25, decay=0.9, reconstruction=losses.l1)
+    new_state, metrics = step(state, {"image": x})
+    m = jax.tree.map(float, metrics.compute())
+    train_out = model.apply(variables, x, train=True)
+    l1 = float(jnp.mean(jnp.abs(train_out["reconstruction"] - x)))
+    commitment = float(jnp.mean((out["z_e"] - out["z_q"]) ** 2))
+    np.testing.assert_allclose(m["loss"], l1 + 0.25 * commitment, rtol=1e-5)
+    np.testing.assert_allclose(train_out["reconstruction"], model.apply(variables, out["z_q"],  # z_e + (z_q - z_e)
+                                                                        method=type(model).decode), atol=1e-6)
+    assert not np.allclose(new_state.model_state["vq"]["codebook"], variables["vq"]["codebook"])

@@ -250,6 +250,8 @@ def test_tiny_run_reports_every_pipeline_and_the_tiny_decoder_moves_to_the_teach
     ("digits,kd.w_perceptual=0.1,data.resolution=16", "takes images of shape (32, 32, 1); the training images are "
                                                       "(16, 16, 1)"),
     ("kd.w_adv=-0.5", "config.kd.w_adv=-0.5 must be >= 0"),
+    ("vq,teacher.vq_decay=1.0", "config.teacher.vq_decay=1.0 must be in [0, 1)"),
+    ("teacher.kwargs.num_codes=-2", "config.teacher.kwargs: num_codes=-2 must be >= 0"),
     ("kd.w_adv=0.1,kd.adv_loss=wasserstein", "config.kd.adv_loss='wasserstein'; valid: ['hinge', 'logistic']"),
 ])
 def test_bad_config_values_fail_before_compute(override, message):
@@ -296,6 +298,30 @@ def test_the_adversarial_term_trains_the_kd_decoder_with_a_discriminator(tiny_ru
                                                    load(reference, "tiny_decoder_kd"), strict=True)) > 1e-6
     for a, b in zip(load(tmp_path, "tiny_decoder_scratch"), load(reference, "tiny_decoder_scratch"), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_vq_teacher_trains_exports_its_codebook_and_its_tiny_halves_work_on_codes(tmp_path):
+    """`tiny,vq`: the teacher is a VQ-VAE (16 codes) trained in the run; its bundle holds the EMA-moved codebook;
+    the teacher's latents of the test images are codebook vectors, so the tiny decoder learns from codes; the
+    tiny-encoder pipeline decodes the tiny encoder's latents snapped to the codes (recomputed here); the report
+    says so."""
+    config = load_config("tiny,vq")
+    train.check_config(config)
+    out = train.train_and_evaluate(config, tmp_path)
+    assert out["num_codes"] == 16 and "quantised to 16 codes" in (tmp_path / "report.md").read_text()
+    teacher, t_vars, _ = bundles.load_model(tmp_path / "teacher" / "bundle")
+    encoder, e_vars, _ = bundles.load_model(tmp_path / "tiny_encoder" / "bundle")
+    assert teacher.num_codes == 16 and t_vars["vq"]["codebook"].shape == (16, 2)
+    init = teacher.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 1)))
+    assert not np.allclose(t_vars["vq"]["codebook"], init["vq"]["codebook"])
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)
+    mean, _ = teacher.apply(t_vars, x, method=type(teacher).encode)
+    codebook = np.asarray(t_vars["vq"]["codebook"])
+    assert np.min(np.abs(np.asarray(mean)[..., None, :] - codebook).sum(-1), axis=-1).max() < 1e-6
+    latents = np.asarray(encoder.apply(e_vars, x), np.float64)
+    snapped = codebook[np.argmin(((latents[..., None, :] - codebook) ** 2).sum(-1), axis=-1)]
+    np.testing.assert_allclose(teacher.apply(t_vars, latents, method=type(teacher).snap), snapped, rtol=1e-6)
+    assert np.isfinite(out["tiny_encoder"]["psnr"]) and np.isfinite(out["tiny_decoder_kd"]["psnr"])
 
 
 def test_the_shipped_vae_fits_the_default_config_and_beats_bicubic_at_its_factor():

@@ -29,14 +29,18 @@ METRICS = ("loss", "reconstruction", "commitment", "perplexity")
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, beta: float,
-                    decay: float) -> Callable:
-    """The jitted data-parallel step `(state, batch) -> (state, metrics)`; the codebook is `model_state["vq"]`."""
+                    decay: float, reconstruction: Callable[[jax.Array, jax.Array], jax.Array] = losses.l2
+                    ) -> Callable:
+    """The jitted data-parallel step `(state, batch) -> (state, metrics)`; the codebook is `model_state["vq"]`.
+    `model` is any VQ autoencoder whose `apply(variables, x, train=True)` gives {"reconstruction", "z_e", "z_q",
+    "codes"} and which has `num_codes` (`models.vqvae.VQVAE`, a `models.vae.VAE` with num_codes > 0);
+    `reconstruction` the reconstruction term (`losses.l2`, the module docstring's; `losses.l1`)."""
     def per_device(state: TrainState, batch: dict):
         x = batch["image"]
 
         def loss_fn(params):
             out = model.apply({"params": params, **state.model_state}, x, train=True)
-            rec, commit = losses.l2(out["reconstruction"], x), losses.vq_commitment(out["z_e"], out["z_q"])
+            rec, commit = reconstruction(out["reconstruction"], x), losses.vq_commitment(out["z_e"], out["z_q"])
             return jax.lax.pmean(rec + beta * commit, DATA_AXIS), (rec, commit, out["z_e"], out["codes"])
 
         (loss, (rec, commit, z_e, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -45,6 +45,7 @@ from kdjax.steps import loop
 from kdjax.steps.state import TrainState
 from kdjax.steps.restoration import init_discriminator
 from kdjax.steps.vae import RECONSTRUCTION, TinyDistillation, make_distill_step, make_vae_step
+from kdjax.steps.vqvae import make_train_step as make_vqvae_step
 from kdjax.tasks import checks
 from kdjax.tasks.image_adversary import adversary, check_adversary
 from kdjax.tasks.phase import model_from_block, run_phase
@@ -61,6 +62,7 @@ COST_BATCH = 16  # the batch images/s is timed at
 CROP_IMAGES = 4  # test images shown in crops.png
 CROP_SIDE = 64  # side of the crop shown, at most
 CROP_COLUMNS = ("ground truth", "teacher", "tiny_decoder_kd", "tiny_decoder_scratch", "tiny_encoder_decoder")
+TRAINING_ONLY = ("discriminator",)  # model state a phase trains with but does not export
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -110,7 +112,9 @@ def teacher_spec(config: ml_collections.ConfigDict) -> models.LatentAutoencoderS
     if config.teacher.recon not in RECONSTRUCTION:
         raise ValueError(f"config.teacher.recon={config.teacher.recon!r}; valid: {sorted(RECONSTRUCTION)}.")
     if not config.teacher.beta >= 0:
-        raise ValueError(f"config.teacher.beta={config.teacher.beta} must be >= 0 (the KL term's weight).")
+        raise ValueError(f"config.teacher.beta={config.teacher.beta} must be >= 0 (the KL term's weight, or the "
+                         "commitment term's with a quantised latent).")
+    checks.check_fraction(config.teacher.vq_decay, "config.teacher.vq_decay", closed_high=False)
     teacher = build_teacher(config, jnp.float32)[0]
     spec = teacher.spec
     check_builds(teacher, (jnp.zeros((1, spec.factor, spec.factor, channels)),), "config.teacher.kwargs")
@@ -206,10 +210,15 @@ def load_images(config: ml_collections.ConfigDict, factor: int
 
 
 # ----------------------------------------------------------------------------------------- training
-def initial_params(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array) -> Any:
-    """A model's initial parameters for inputs of `input_shape` (jitted init; the key is an explicit draw)."""
+def initial_variables(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array) -> dict[str, Any]:
+    """A model's initial variables for inputs of `input_shape` (jitted init; the key is an explicit draw)."""
     init_model = models.outside_data_parallel(model)
-    return jax.device_get(jax.jit(lambda k: init_model.init(k, jnp.zeros(input_shape, jnp.float32)))(key)["params"])
+    return jax.device_get(jax.jit(lambda k: init_model.init(k, jnp.zeros(input_shape, jnp.float32)))(key))
+
+
+def initial_params(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array) -> Any:
+    """A model's initial parameters for inputs of `input_shape` (`initial_variables`' "params")."""
+    return initial_variables(model, input_shape, key)["params"]
 
 
 def train_phase(phase: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, train_cfg, params: Any,
@@ -223,18 +232,21 @@ def train_phase(phase: str, config: ml_collections.ConfigDict, workdir: pathlib.
     step = make_step(tx)
     state, finished = run_phase(phase, config, workdir, state, lambda s, b: step(s, b, *constants), (), train_cfg,
                                 mesh, writer, budget, batches=batches(train_cfg.batch_size))
-    return {"params": state.params}, finished
+    kept = {k: v for k, v in state.model_state.items() if k not in TRAINING_ONLY}  # e.g. a VQ teacher's codebook
+    return {"params": state.params, **kept}, finished
 
 
 # ----------------------------------------------------------------------------------------- evaluation
 def forwards(trained: Mapping[str, tuple[nn.Module, Any]]) -> dict[str, Callable]:
     """Jitted float32 forward passes outside the data-parallel step (compiled once per input size):
-    "encode_teacher" (x -> mu_T), "decode_teacher" (z -> D_T(z)), "decode_tiny" (z -> D_s(z), any tiny
-    decoder's variables), "encode_tiny" (x -> E_s(x))."""
+    "encode_teacher" (x -> mu_T, or z_q when quantised), "decode_teacher" (z -> D_T(z)), "snap_teacher" (a latent
+    onto the teacher's latent space: itself, or its nearest codes), "decode_tiny" (z -> D_s(z), any tiny decoder's
+    variables), "encode_tiny" (x -> E_s(x))."""
     f32 = lambda name: models.outside_data_parallel(trained[name][0]).clone(dtype=jnp.float32)
     teacher, decoder, encoder = f32("teacher"), f32("tiny_decoder_kd"), f32("tiny_encoder")
     return {"encode_teacher": jax.jit(lambda v, x: teacher.apply(v, x, method=type(teacher).encode)[0]),
             "decode_teacher": jax.jit(lambda v, z: teacher.apply(v, z, method=type(teacher).decode)),
+            "snap_teacher": jax.jit(lambda v, z: teacher.apply(v, z, method=type(teacher).snap)),
             "decode_tiny": jax.jit(lambda v, z: decoder.apply(v, z)),
             "encode_tiny": jax.jit(lambda v, x: encoder.apply(v, x))}
 
@@ -242,7 +254,8 @@ def forwards(trained: Mapping[str, tuple[nn.Module, Any]]) -> dict[str, Callable
 def reconstruct_all(fns: Mapping[str, Callable], trained: Mapping[str, tuple[nn.Module, Any]], initial: Any,
                     batches: Sequence[np.ndarray]) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
     """(reconstructions of every batch through each pipeline of `PIPELINES` and `tiny_decoder_init`, the
-    per-image latent MSE of the tiny encoder against mu_T per batch)."""
+    per-image latent MSE of the tiny encoder against mu_T per batch). A quantised teacher's codebook snaps the tiny
+    encoder's latents before either decoder reads them (the MSE is of the unsnapped latents)."""
     host = {name: parallel.to_host(v) for name, (_, v) in trained.items()}
     host["tiny_decoder_init"] = initial
     outputs = {name: [] for name in (*PIPELINES, "tiny_decoder_init")}
@@ -250,9 +263,10 @@ def reconstruct_all(fns: Mapping[str, Callable], trained: Mapping[str, tuple[nn.
     for x in batches:
         latents = {"teacher": fns["encode_teacher"](host["teacher"], x),
                    "tiny_encoder": fns["encode_tiny"](host["tiny_encoder"], x)}
+        snapped = {**latents, "tiny_encoder": fns["snap_teacher"](host["teacher"], latents["tiny_encoder"])}
         for name, (encoder, decoder) in (*PIPELINES.items(), ("tiny_decoder_init", ("teacher", "tiny_decoder_init"))):
             fn = fns["decode_teacher"] if decoder == "teacher" else fns["decode_tiny"]
-            outputs[name].append(np.asarray(fn(host[decoder], latents[encoder])))
+            outputs[name].append(np.asarray(fn(host[decoder], snapped[encoder])))
         latent_mse.append(np.asarray(jnp.mean((latents["tiny_encoder"] - latents["teacher"]) ** 2, axis=(1, 2, 3))))
     return outputs, latent_mse
 
@@ -357,11 +371,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         spec, block = teacher.spec, config.teacher
         batches, validation, test = load_images(config, spec.factor)
         latent_shape = (side // spec.factor, side // spec.factor, spec.latent_channels)
-        make_step = lambda tx: make_vae_step(teacher, tx, mesh, block.beta, block.recon, jax.random.fold_in(key, 3),
-                                             latent_shape)
-        params = initial_params(teacher, (1, side, side, channels), jax.random.fold_in(init_key, 0))
-        teacher_vars, finished = train_phase("teacher", config, workdir, block.train, params, make_step, batches,
-                                             mesh, writer, budget)
+        if teacher.num_codes:  # VQ: reconstruction + beta * commitment, the codebook by EMA
+            make_step = lambda tx: make_vqvae_step(teacher, tx, mesh, block.beta, block.vq_decay,
+                                                   RECONSTRUCTION[block.recon])
+        else:
+            make_step = lambda tx: make_vae_step(teacher, tx, mesh, block.beta, block.recon,
+                                                 jax.random.fold_in(key, 3), latent_shape)
+        initial = initial_variables(teacher, (1, side, side, channels), jax.random.fold_in(init_key, 0))
+        teacher_vars, finished = train_phase("teacher", config, workdir, block.train, initial.pop("params"),
+                                             make_step, batches, mesh, writer, budget, model_state=initial)
         if not finished:
             return None
         bundles.save_model_bundle(workdir / "teacher" / "bundle", block.model, kwargs, teacher_vars)
@@ -404,6 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "num_test_images": int(sum(len(b) for b in test)),
         "test_image_sizes": sorted({tuple(b.shape[1:3]) for b in test}),
         "eval_max_side": config.data.eval_max_side if uses_photos(config) else 0,
+        "num_codes": int(getattr(teacher, "num_codes", 0)),
         "teacher_loss": ({"beta": config.teacher.beta, "recon": config.teacher.recon} if not config.teacher.checkpoint
                          else {"checkpoint": config.teacher.checkpoint}),
         "kd": {"w_teacher": config.kd.w_teacher, "w_target": config.kd.w_target,
@@ -451,7 +470,9 @@ def report_text(out: Mapping[str, Any]) -> str:
                                                          else "on the grey image")
             + ". PSNR vs teacher: the same PSNR against the teacher's reconstruction; L1 vs teacher: mean |output - "
             "teacher's reconstruction| (images in [-1, 1], unquantised); latent MSE: mean (E_s(x) - mu_T(x))^2. "
-            f"Factor {out['factor']}, {out['latent_channels']} latent channels. Costs: the teacher's halves "
+            f"Factor {out['factor']}, {out['latent_channels']} latent channels"
+            + (f", quantised to {out['num_codes']} codes (the tiny encoder's latents snapped to them before "
+               "decoding)" if out.get("num_codes") else "") + ". Costs: the teacher's halves "
             f"(its decode and encode alone) and the tiny ones, XLA's FLOPs of one forward pass at {side}x{side} "
             f"images (latents {side // out['factor']}x{side // out['factor']}); images/s at batch {COST_BATCH} on "
             f"{out['device']}. tiny_decoder_kd: w_teacher = {kd['w_teacher']}, w_target = {kd['w_target']}, "
