@@ -4,10 +4,13 @@ The task `vae_kd` trains on images x in [-1, 1]: random crops of the training ph
 `photos_data_config`: the split is by whole photograph, `kdjax.core.photos`) or the training split of a
 dataset (`config.data` a `data_config`, e.g. digits; told apart by the block's `crop` field). Its phases, each
 resumable, run in `workdir/PHASE/` and export `workdir/PHASE/bundle`:
-1. `teacher`: the VAE (`kdjax.models.vae`) trained on L(D(z), x) + beta * KL (`kdjax.steps.vae`), or the frozen
-   bundle `config.teacher.checkpoint`;
+1. `teacher`: the VAE (`kdjax.models.vae`) trained on L(D(z), x) + beta * KL (`kdjax.steps.vae`), or with a
+   quantised latent (`teacher.kwargs.num_codes` > 0) on L(D(z_q), x) + beta * commitment with an EMA codebook
+   (`kdjax.steps.vqvae`), or the frozen bundle `config.teacher.checkpoint`;
 2. `tiny_decoder_kd`: the tiny decoder (`kdjax.models.tiny_autoencoder`) on the teacher's latents z =
-   mu_T(x): w_teacher * L1(D_s(z), D_T(z)) + w_target * L1(D_s(z), x);
+   mu_T(x) (z_q when quantised): w_teacher * L1(D_s(z), D_T(z)) + w_target * L1(D_s(z), x), and TAESD's optional
+   perceptual term (a judge's features, `kd.w_perceptual`, `kd.judge`) and adversarial term (`kd.w_adv`,
+   `kdjax.tasks.image_adversary`);
 3. `tiny_decoder_scratch`: the same decoder, same initialisation and budget, on L1(D_s(z), x) alone;
 4. `tiny_encoder`: the tiny encoder on MSE(E_s(x), mu_T(x)).
 The tiny halves take `latent_channels` and `factor` from the teacher and `channels` from the data.
