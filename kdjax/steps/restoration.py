@@ -79,6 +79,19 @@ def adversarial_term(adversary: Adversary, d_params: Any, restored: jax.Array) -
     return g_loss_of(apply_discriminator(adversary.discriminator, d_params, {}, window, None))
 
 
+def adversary_update(adversary: Adversary, discriminator: Mapping[str, Any], real: jax.Array, fake: jax.Array
+                     ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One update of D, per device, on the central windows of `real` images against sg(`fake`) ones with the
+    discriminator half of `losses.ADVERSARIAL[adversary.loss]`: (the new {"params", "opt_state"}, its device-mean
+    metrics {"d_loss", "d_real", "d_fake"} (the last two mean logits))."""
+    d_apply = functools.partial(apply_discriminator, adversary.discriminator)
+    window = functools.partial(central_window, size=adversary.window)
+    d_params, d_opt, d_aux = discriminator_update(
+        d_apply, adversary.tx, discriminator["params"], discriminator["opt_state"], {}, window(real), None,
+        window(jax.lax.stop_gradient(fake)), None, losses.ADVERSARIAL[adversary.loss][1], 0.0)
+    return {"params": d_params, "opt_state": d_opt}, {k: d_aux[k] for k in ("d_loss", "d_real", "d_fake")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Distillation:
     """What the student learns from the teacher (module docstring): its weights, the matched feature maps
@@ -186,13 +199,9 @@ def make_train_step(student: nn.Module, tx: optax.GradientTransformation, mesh: 
         metrics = {"loss": loss, **jax.lax.pmean(terms, DATA_AXIS)}
         model_state = state.model_state
         if adversary is not None:  # D's update, after the student's: real = ground truth, fake = sg(S(x))
-            d_apply = functools.partial(apply_discriminator, adversary.discriminator)
-            window = functools.partial(central_window, size=adversary.window)
-            d_params, d_opt, d_aux = discriminator_update(
-                d_apply, adversary.tx, d["params"], d["opt_state"], {}, window(batch["target"]), None,
-                window(jax.lax.stop_gradient(restored)), None, losses.ADVERSARIAL[adversary.loss][1], 0.0)
-            model_state = {**model_state, "discriminator": {"params": d_params, "opt_state": d_opt}}
-            metrics.update({k: d_aux[k] for k in ("d_loss", "d_real", "d_fake")})
+            discriminator, d_metrics = adversary_update(adversary, d, batch["target"], restored)
+            model_state = {**model_state, "discriminator": discriminator}
+            metrics.update(d_metrics)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   opt_state=opt_state, model_state=model_state)
         return new_state, metrics

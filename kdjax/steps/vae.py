@@ -36,7 +36,6 @@ of a per-device loss.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -46,8 +45,7 @@ from jax.sharding import Mesh
 
 from kdjax import losses
 from kdjax.core.parallel import DATA_AXIS
-from kdjax.steps.gan import apply_discriminator, discriminator_update
-from kdjax.steps.restoration import Adversary, adversarial_term, central_window
+from kdjax.steps.restoration import Adversary, adversarial_term, adversary_update
 from kdjax.steps.shell import DRAW_SALT, Draw, data_parallel_step
 from kdjax.steps.state import TrainState
 
@@ -212,13 +210,9 @@ def make_distill_step(student: nn.Module, tx: optax.GradientTransformation, mesh
         metrics = {"loss": loss, **jax.lax.pmean(terms, DATA_AXIS)}
         model_state = state.model_state
         if adversary is not None:  # D's update, after the decoder's: real = the crops, fake = sg(D_s(z))
-            d_apply = functools.partial(apply_discriminator, adversary.discriminator)
-            window = functools.partial(central_window, size=adversary.window)
-            d_params, d_opt, d_aux = discriminator_update(
-                d_apply, adversary.tx, d["params"], d["opt_state"], {}, window(batch["image"]), None,
-                window(jax.lax.stop_gradient(decoded)), None, losses.ADVERSARIAL[adversary.loss][1], 0.0)
-            model_state = {**model_state, "discriminator": {"params": d_params, "opt_state": d_opt}}
-            metrics.update({k: d_aux[k] for k in ("d_loss", "d_real", "d_fake")})
+            discriminator, d_metrics = adversary_update(adversary, d, batch["image"], decoded)
+            model_state = {**model_state, "discriminator": discriminator}
+            metrics.update(d_metrics)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   opt_state=opt_state, model_state=model_state)
         return new_state, metrics
