@@ -463,7 +463,8 @@ def row_key(row: dict[str, Any]) -> str:
 
 def plot_fid_against_nfe(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     """FID against real images and against the teacher's samples, by NFE: the teacher's Heun line, the students'
-    points (one marker per method)."""
+    points (one marker per method); FID on a log scale (symmetric-log against the teacher's samples, whose
+    reference row is 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -480,6 +481,12 @@ def plot_fid_against_nfe(rows: list[dict[str, Any]], path: pathlib.Path) -> None
                 ax.plot([r["nfe"] for r in mine], [r[metric] for r in mine], marker=marker, linestyle="--",
                         markersize=10, label=method)
         ax.set_xscale("log", base=2)
+        # FIDs span 1 to several hundred; against the teacher's samples the reference row is 0 (or a hair below)
+        if metric == "fid":
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.set_ylim(bottom=0.0)
         ax.set_xlabel("NFE (network evaluations per image)")
         ax.set_ylabel("FID")
         ax.set_title(title)
