@@ -13,10 +13,11 @@ generator G(z) = D(80 z; 80) and trains it, data-free, along the difference of t
 its own samples. The report's rows: the teacher with Heun at `sampler.teacher_steps`, then the students; FID and
 KID against all the real digits and against the teacher's 16-step samples, in the shipped judge's features.
 
-The training settings are starting points sized for this CPU, not tuned. Cost on the project's 2-core CPU: the
-default (progressive) run took 45 min of wall time shared with two or three other jobs (27 min of training, 800
-steps; the report's 72 evaluations per sample over 1000 samples the rest), so it is not yet shown to fit 20 minutes
-alone. The consistency run is not timed; the DMD2 step is slow here (configs/diffusion_to_dcgan.py says how).
+The training settings are starting points sized for this CPU, not tuned. Cost on the project's 2-core CPU, each
+run sharing the cores with other work (so not the idle time): the default (progressive) run 45 min of wall time (27
+min of training, 800 steps; the report's 72 evaluations per sample over 1000 samples the rest), `:consistency` 31
+min (600 steps), `:dmd` 22 min (500 steps at about 0.85 steps/s). None is yet shown to fit 20 minutes alone; the
+report's teacher rows (57 evaluations per sample) are 6 to 12 minutes of each. Figures: README, "Diffusion".
 """
 
 import ml_collections
