@@ -49,6 +49,10 @@ DEFAULT_METRICS = {
                        "teacher/ssim", "student_kd/ssim", "student_scratch/ssim", "student_kd/psnr_vs_teacher",
                        "student_scratch/psnr_vs_teacher", "validation/student_kd/psnr",
                        "validation/student_scratch/psnr"],
+    "vae_kd": ["teacher/psnr", "tiny_decoder_kd/psnr", "tiny_decoder_scratch/psnr", "tiny_encoder/psnr",
+               "tiny_encoder_decoder/psnr", "teacher/ssim", "tiny_decoder_kd/ssim", "tiny_decoder_scratch/ssim",
+               "tiny_decoder_kd/psnr_vs_teacher", "tiny_decoder_scratch/psnr_vs_teacher",
+               "validation/tiny_decoder_kd/psnr", "validation/tiny_decoder_scratch/psnr"],
     "gan": ["steps"],
     "diffusion_distill": ["figures/*/fid", "figures/*/fid_vs_teacher"],
 }
