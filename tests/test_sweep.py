@@ -18,14 +18,19 @@ CONFIG = f"{ROOT / 'configs' / 'classifier_kd.py'}:tiny"
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
+    """The sweep run as a user runs it, `python -m kdjax.sweep ...`: (workdir, its arguments, sweep.json, the
+    command's stdout and stderr)."""
     workdir = tmp_path_factory.mktemp("sweep")
     args = [f"--config={CONFIG}", "--seeds=2", "--vary", "kd.alpha=0.1,0.9", f"--workdir={workdir}",
             "--config.teacher.train.num_steps=10", "--config.student.train.num_steps=10"]
-    return workdir, args, sweep.main(args)
+    result = subprocess.run([sys.executable, "-m", "kdjax.sweep", *args], capture_output=True, text=True, cwd=ROOT,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return workdir, args, json.loads((workdir / "sweep.json").read_text()), result.stdout, result.stderr
 
 
 def test_sweep_writes_numpy_mean_and_std_of_the_runs(swept):
-    workdir, _, out = swept
+    workdir, _, out, _, _ = swept
     assert sorted(out["settings"]) == ["kd.alpha=0.1", "kd.alpha=0.9"]
     saved = json.loads((workdir / "sweep.json").read_text())
     for name, setting in saved["settings"].items():
@@ -45,7 +50,7 @@ def test_sweep_writes_numpy_mean_and_std_of_the_runs(swept):
 
 
 def test_relaunched_sweep_runs_nothing_new(swept, monkeypatch, capsys):
-    workdir, args, out = swept
+    workdir, args, out, _, _ = swept
     calls = []
     monkeypatch.setattr(train, "run_checked", lambda config, wd: calls.append(wd))
     again = sweep.main(args)
@@ -99,12 +104,9 @@ def test_metric_patterns_expand_to_every_matching_path_once():
     assert sweep.expand_metrics(["nothing/*"], settings) == []
 
 
-def test_the_sweep_command_shows_each_runs_progress(tmp_path):
+def test_the_sweep_command_shows_each_runs_progress(swept):
     """`python -m kdjax.sweep` prints what `launch.py` prints for every run: the loop's progress (steps/s, ETA)
     and the phases' metrics, not only the sweep's own lines."""
-    result = subprocess.run([sys.executable, "-m", "kdjax.sweep", f"--config={CONFIG}", f"--workdir={tmp_path}",
-                             "--seeds=1", "--config.teacher.train.num_steps=4", "--config.student.train.num_steps=4"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "kdjax.sweep: 1/1 done" in result.stdout
-    assert "ETA" in result.stderr and "steps_per_sec" in result.stderr, result.stderr[-2000:]
+    _, _, _, stdout, stderr = swept
+    assert "kdjax.sweep: 4/4 done" in stdout
+    assert "ETA" in stderr and "steps_per_sec" in stderr, stderr[-2000:]
