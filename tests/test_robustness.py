@@ -4,6 +4,7 @@ compared bitwise with uninterrupted runs."""
 
 import errno
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -144,12 +145,35 @@ def test_a_failed_checkpoint_write_names_the_step_and_keeps_the_last_good_one(re
     assert_runs_equal(reference, tmp_path)
 
 
+def test_a_failed_bundle_write_is_one_clear_error_and_the_relaunch_finishes_the_run(reference, tmp_path,
+                                                                                    monkeypatch):
+    """The teacher phase trains to its end, then its bundle cannot be written: a CheckpointWriteError names the
+    bundle and the reason, no temporary directory stays, and the relaunch (from the phase's last checkpoint)
+    writes it and finishes the run as the uninterrupted one."""
+    save = ocp.StandardCheckpointer.save
+
+    def save_or_disk_full(self, directory, *args, **kwargs):
+        if "teacher" in str(directory):
+            (pathlib.Path(str(directory) + ".orbax-checkpoint-tmp-1")).mkdir()  # as Orbax leaves it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_or_disk_full)
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r"could not write the model bundle '.*teacher/bundle': the disk is full \(ENOSPC\)"):
+        train.train_and_evaluate(tiny_config(), tmp_path)
+    assert list((tmp_path / "teacher" / "bundle").iterdir()) == []
+    monkeypatch.undo()
+    train.train_and_evaluate(tiny_config(), tmp_path)
+    assert_runs_equal(reference, tmp_path)
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 300 KiB tmpfs (root only): the tiny run's first teacher checkpoint fits, the second does not."""
+    """A 240 KiB tmpfs (root only): the tiny run's first teacher checkpoint fits, the second does not."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240k", "tmpfs", str(mount)],
                       capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount

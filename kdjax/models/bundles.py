@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +25,8 @@ from jax.sharding import Mesh
 
 from kdjax import models
 from kdjax.core import parallel
-from kdjax.core.checkpoints import CheckpointError, shape_mismatch, tree_shapes
+from kdjax.core.checkpoints import (CheckpointError, CheckpointWriteError, shape_mismatch, tree_shapes,
+                                    write_failure_reason)
 from kdjax.models.interface import LATENT_KINDS
 
 
@@ -32,14 +34,22 @@ def save_model_bundle(directory: str | pathlib.Path, model: str, kwargs: dict[st
                       extra: dict[str, Any] | None = None) -> None:
     """Writes `model.json` and `variables/` to `directory` (process 0 writes the JSON)."""
     directory = pathlib.Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
     # Host numpy values: valid in a multi-host job too (Orbax writes them once, from the primary host).
     variables = jax.tree.map(lambda x: np.asarray(parallel.to_host(x)), variables)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "variables", variables, force=True)
-    if jax.process_index() == 0:
-        meta = {"model": model, "kwargs": kwargs, **(extra or {})}
-        (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(directory / "variables", variables, force=True)
+        if jax.process_index() == 0:
+            meta = {"model": model, "kwargs": kwargs, **(extra or {})}
+            (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    except Exception as e:
+        if jax.process_index() == 0:  # Orbax leaves its temporary directory behind
+            for tmp in directory.glob("variables.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write the model bundle {str(directory)!r}: {write_failure_reason(e)}. "
+                                   "The run's training checkpoints are kept: fix that, then launch the same "
+                                   "command again.") from e
 
 
 def check_model_bundle(directory: str | pathlib.Path, field: str, kind: str | None = None) -> dict[str, Any]:
