@@ -111,13 +111,21 @@ def _init_arguments(model: nn.Module, channels: int) -> tuple[Any, ...]:
     return args + ((jnp.zeros((1,), jnp.int32),) if num_classes else ())
 
 
+# expected_shapes' answers, by (name, kwargs as sorted JSON, channels): tracing a network's init costs up to half
+# a second (an EDM U-Net), and a launch checks the same bundle several times (the config check, then each load).
+_SHAPES: dict[tuple[str, str, int], dict[str, tuple[int, ...]]] = {}
+
+
 def expected_shapes(name: str, kwargs: dict[str, Any], channels: int = 1) -> dict[str, tuple[int, ...]]:
     """{"collection/layer/param": shape} of model `name`'s variables, from `jax.eval_shape` of its init
-    (no compute). `channels` is a classifier's input channels."""
-    model = models.build_model(name, **kwargs)
-    rngs = {"params": jax.random.key(0), "noise": jax.random.key(1), "dropout": jax.random.key(2)}
-    args = _init_arguments(model, channels)
-    return tree_shapes(jax.eval_shape(lambda: model.init(rngs, *args, train=False)))
+    (no compute; remembered for the process). `channels` is a classifier's input channels."""
+    key = (name, json.dumps(kwargs, sort_keys=True, default=repr), channels)
+    if key not in _SHAPES:
+        model = models.build_model(name, **kwargs)
+        rngs = {"params": jax.random.key(0), "noise": jax.random.key(1), "dropout": jax.random.key(2)}
+        args = _init_arguments(model, channels)
+        _SHAPES[key] = tree_shapes(jax.eval_shape(lambda: model.init(rngs, *args, train=False)))
+    return dict(_SHAPES[key])
 
 
 def check_bundle_variables(path: pathlib.Path, field: str, name: str, kwargs: dict[str, Any]) -> None:
