@@ -33,7 +33,7 @@ def main() -> None:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from kdjax.core import checkpoints, parallel
+    from kdjax.core import parallel
 
     mesh = parallel.make_mesh()
     sharding = parallel.replicated(mesh)
@@ -56,7 +56,7 @@ def main() -> None:
         manager.close()
         return statistics.median(seconds)
 
-    numpy_s = time_saves("numpy", checkpoints.host_values)
+    numpy_s = time_saves("numpy", parallel.to_host)
     arrays_s = time_saves("arrays", lambda s: s)
     print(f"{args.leaves} leaves of {args.side}x{args.side} float32 replicated over {jax.device_count()} "
           f"{jax.devices()[0].platform} devices, median of {args.repeats} saves: numpy values {numpy_s:.3f} s, "
