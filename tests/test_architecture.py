@@ -114,3 +114,13 @@ def test_configs_import_only_the_light_config_package(config):
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"reading {config.name} imported {out.stdout.strip()}"
+
+
+def test_the_files_scheduled_first_exist():
+    """The root conftest's LONGEST_FIRST names test files by path: a renamed file would silently lose its place."""
+    tree = ast.parse((ROOT / "conftest.py").read_text())
+    (names,) = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and [getattr(t, "id", None) for t in node.targets] == ["LONGEST_FIRST"]]
+    assert names
+    missing = [name for name in names if not (ROOT / name).is_file()]
+    assert not missing, f"LONGEST_FIRST in conftest.py names files that do not exist: {missing}"
