@@ -16,7 +16,8 @@ KID against all the real digits and against the teacher's 16-step samples, in th
 The training settings are starting points sized for this CPU, not tuned. Cost on the project's 2-core CPU, each
 run sharing the cores with other work (so not the idle time): the default (progressive) run 45 min of wall time (27
 min of training, 800 steps; the report's 72 evaluations per sample over 1000 samples the rest), `:consistency` 31
-min (600 steps), `:dmd` 22 min (500 steps at about 0.85 steps/s). None is yet shown to fit 20 minutes alone; the
+min (600 steps), `:dmd` 22 min (500 steps at about 0.85 steps/s), and 20.6 min
+with the machine otherwise nearly idle (a 3-seed sweep's last seed): just over 20 minutes; the
 report's teacher rows (57 evaluations per sample) are 6 to 12 minutes of each. Figures: README, "Diffusion".
 """
 
