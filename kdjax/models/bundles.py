@@ -48,8 +48,8 @@ def save_model_bundle(directory: str | pathlib.Path, model: str, kwargs: dict[st
             for tmp in directory.glob("variables.orbax-checkpoint-tmp*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"could not write the model bundle {str(directory)!r}: {write_failure_reason(e)}. "
-                                   "The run's training checkpoints are kept: fix that, then launch the same "
-                                   "command again.") from e
+                                   "Fix that, then run the same command again (a training run resumes from its "
+                                   "checkpoints, which are kept).") from e
 
 
 def check_model_bundle(directory: str | pathlib.Path, field: str, kind: str | None = None) -> dict[str, Any]:
