@@ -48,14 +48,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train=phase_train_config(2000, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
     ))
     # latent_channels and factor come from the teacher, channels from the data.
+    # The tiny halves' width: 20 is the widest that keeps both >= 10x cheaper than the teacher's halves (per 64x64
+    # image: decoder 181 against 2360 MFLOPs, encoder 154 against 1699; 22 leaves the encoder at 9.1x).
     config.tiny_decoder = ml_collections.ConfigDict(dict(
         model="tiny_decoder",
-        kwargs=ml_collections.ConfigDict(dict(features=32, blocks=2)),
+        kwargs=ml_collections.ConfigDict(dict(features=20, blocks=2)),
         train=phase_train_config(1500, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
     ))
     config.tiny_encoder = ml_collections.ConfigDict(dict(
         model="tiny_encoder",
-        kwargs=ml_collections.ConfigDict(dict(features=32, blocks=2)),
+        kwargs=ml_collections.ConfigDict(dict(features=20, blocks=2)),
         train=phase_train_config(1500, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
     ))
     config.kd = ml_collections.ConfigDict(dict(
