@@ -161,6 +161,22 @@ def test_a_2d_array_is_not_a_storage():
     assert result["result"].startswith("NetworkPickleError: tensor: the storage is"), result
 
 
+def test_a_bfloat16_storage_loads_with_its_dtype():
+    """A BFloat16Storage blob of 3 values (their bf16 bytes) loads as a bfloat16 array of those values; its dtype is
+    made only when a blob names the type (a float32 file does not import ml_dtypes, the next test's bound)."""
+    import ml_dtypes
+
+    values = np.asarray([1.0, -2.5, 0.15625], np.float32)
+    raw = values.astype(ml_dtypes.bfloat16).tobytes()
+    head = b"".join(pickle.dumps(x, protocol=2) for x in (LEGACY_MAGIC, 1001, {"little_endian": True}))
+    pid = tup(u("storage"), b"ctorch\nBFloat16Storage\n", u("0"), u("cpu"), i32(3), b"N")
+    blob = (head + b"\x80\x02" + pid + b"Q." + pickle.dumps(["0"], protocol=2) + struct.pack("<q", 3) + raw)
+    net = load_network_pickle(io.BytesIO(network_pickle(
+        t=tensor(call(glob("torch.storage", "_load_from_bytes"), binbytes(blob)), 0, (3,), (1,)))))
+    assert net["t"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(np.asarray(net["t"], np.float32), values)
+
+
 def test_zero_stride_bomb_is_refused_before_allocating():
     """A ~370-byte file whose one-element storage is viewed as 2**28 elements (1 GiB) with zero strides."""
     data = network_pickle(t=tensor(blob_storage([1.0]), 0, (1 << 15, 1 << 13), (0, 0)))
