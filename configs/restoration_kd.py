@@ -18,10 +18,10 @@ alpha = 0 was chosen on the validation photographs with validation seed 100 (KD 
 with the feature terms 41.417, alpha 0.5 without them 41.435; scratch 41.381; a wider (96, 48) ESPCN 41.445 at
 twice the FLOPs was not worth it). Small EDSR students at >= 10x fewer FLOPs than the teacher were tried the same
 way and not taken: KD student 41.386 dB with 24 features x 4 blocks (140.6 MFLOPs per 64x64 output), 41.434 with
-16 x 8 (101.2), against the ESPCN's 41.441 (53.4) in the same sweep. w_fakd = 0.2 is the official FAKD setting (weight 10 on the sum over 3 maps of
-L1 images in [0, 255]) rescaled to this code's images in [-1, 1] and its mean over maps: 10 * 3 / 127.5. The
-default run took 7.5 minutes on the project's 2 CPU cores (2000 KD steps, 2000 scratch steps, the report); the
-figures over 3 seeds are in the README. `:inpaint` and `:denoise` use the same recipe, not re-chosen for them
+16 x 8 (101.2), against the ESPCN's 41.441 (53.4) in the same sweep. w_fakd = 0.2 is the official FAKD setting
+(weight 10 on the sum over 3 maps of L1 images in [0, 255]) rescaled to this code's images in [-1, 1] and its mean
+over maps: 10 * 3 / 127.5. The default run took 7.5 minutes on the project's 2 CPU cores (2000 KD steps, 2000
+scratch steps, the report); the figures over 3 seeds are in the README. `:inpaint` and `:denoise` use the same recipe, not re-chosen for them
 (13-17 minutes a run with three runs sharing the 2 cores; not timed alone).
 """
 
