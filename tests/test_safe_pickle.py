@@ -69,12 +69,12 @@ def network_pickle(**entries: bytes) -> bytes:
     return b"\x80\x04}" + b"".join(u(k) + v + b"s" for k, v in entries.items()) + b"."
 
 
-def storage_blob(values, pid_items=None, key: str = "0") -> bytes:
-    """A legacy torch.save blob of a float32 storage (what torch.storage._load_from_bytes reads)."""
-    values = np.asarray(values, np.float32).ravel()
+def storage_blob(values, pid_items=None, key: str = "0", storage: str = "FloatStorage", dtype=np.float32) -> bytes:
+    """A legacy torch.save blob of a storage of `dtype` (what torch.storage._load_from_bytes reads)."""
+    values = np.asarray(values, dtype).ravel()
     head = b"".join(pickle.dumps(x, protocol=2) for x in (LEGACY_MAGIC, 1001, {"little_endian": True}))
     if pid_items is None:
-        pid_items = [u("storage"), b"ctorch\nFloatStorage\n", u(key), u("cpu"), i32(values.size), b"N"]
+        pid_items = [u("storage"), f"ctorch\n{storage}\n".encode(), u(key), u("cpu"), i32(values.size), b"N"]
     return (head + b"\x80\x02" + tup(*pid_items) + b"Q." + pickle.dumps([key], protocol=2)
             + struct.pack("<q", values.size) + values.tobytes())
 
@@ -85,8 +85,8 @@ def tensor(storage: bytes, offset: int, size, stride) -> bytes:
                 tup(*map(i32, stride)), b"\x89", call(glob("collections", "OrderedDict")))
 
 
-def blob_storage(values) -> bytes:
-    return call(glob("torch.storage", "_load_from_bytes"), binbytes(storage_blob(values)))
+def blob_storage(values, **kwargs) -> bytes:
+    return call(glob("torch.storage", "_load_from_bytes"), binbytes(storage_blob(values, **kwargs)))
 
 
 @functools.cache
@@ -166,13 +166,9 @@ def test_a_bfloat16_storage_loads_with_its_dtype():
     made only when a blob names the type (a float32 file does not import ml_dtypes, the next test's bound)."""
     import ml_dtypes
 
-    values = np.asarray([1.0, -2.5, 0.15625], np.float32)
-    raw = values.astype(ml_dtypes.bfloat16).tobytes()
-    head = b"".join(pickle.dumps(x, protocol=2) for x in (LEGACY_MAGIC, 1001, {"little_endian": True}))
-    pid = tup(u("storage"), b"ctorch\nBFloat16Storage\n", u("0"), u("cpu"), i32(3), b"N")
-    blob = (head + b"\x80\x02" + pid + b"Q." + pickle.dumps(["0"], protocol=2) + struct.pack("<q", 3) + raw)
-    net = load_network_pickle(io.BytesIO(network_pickle(
-        t=tensor(call(glob("torch.storage", "_load_from_bytes"), binbytes(blob)), 0, (3,), (1,)))))
+    values = np.asarray([1.0, -2.5, 0.15625], np.float32)  # exact in bfloat16
+    storage = blob_storage(values, storage="BFloat16Storage", dtype=ml_dtypes.bfloat16)
+    net = load_network_pickle(io.BytesIO(network_pickle(t=tensor(storage, 0, (3,), (1,)))))
     assert net["t"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(net["t"], np.float32), values)
 
