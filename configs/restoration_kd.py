@@ -34,9 +34,10 @@ from kdjax.config import (PHOTOS_EDSR_X2, PHOTOS_UNET_DENOISE, PHOTOS_UNET_INPAI
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = run_config("restoration_kd", log_every=100, checkpoint_every=500)
     # 3 of the 17 photographs held out (coins, rocket, text), 2 of the rest set aside for validation
-    # (hubble_deep_field, microaneurysms); evaluated on centre crops of at most 256 pixels.
+    # (hubble_deep_field, microaneurysms) and scikit-learn's two photographs (china, flower) added to it; evaluated
+    # on centre crops of at most 256 pixels.
     config.data = photos_data_config(source="skimage", channels=3, crop=48, test_fraction=0.2,
-                                     validation_fraction=0.15, eval_max_side=256)
+                                     validation_fraction=0.15, extra_validation="sklearn", eval_max_side=256)
     config.degradation = degradation_config("downsample", scale=2)  # sets the models' scale (and extra_inputs)
     config.teacher = ml_collections.ConfigDict(dict(
         model="edsr",

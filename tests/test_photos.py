@@ -1,10 +1,13 @@
 """Photographs as an image-to-image source: offline loading, folders, image-level splits, crops, tiles."""
 
+import pathlib
 import socket
 
+import ml_collections
 import numpy as np
 import pytest
 import skimage.data
+import sklearn.datasets
 from PIL import Image
 
 from kdjax.core import photos
@@ -53,6 +56,18 @@ def test_lfw_faces_leave_out_the_non_faces():
     for i in (0, 57, 99):
         assert np.abs(faces[i][..., 0] - raw[i] * 255).max() <= 0.5
     assert photos.load_lfw_faces(channels=3)[3].shape == (25, 25, 3)
+
+
+def test_sklearn_photos_are_the_packaged_jpegs_read_by_pil():
+    folder = pathlib.Path(sklearn.datasets.__file__).parent / "images"
+    rgb = photos.load_sklearn_photos(channels=3)
+    assert len(rgb) == 2 and all(im.shape == (427, 640, 3) and im.dtype == np.uint8 for im in rgb)
+    for image, name in zip(rgb, ("china.jpg", "flower.jpg")):
+        with Image.open(folder / name) as pil:
+            np.testing.assert_array_equal(image, np.asarray(pil.convert("RGB")))
+            grey = np.asarray(pil.convert("L"))
+        np.testing.assert_array_equal(photos.load_sklearn_photos(channels=1)[name == "flower.jpg"][..., 0], grey)
+    assert photos.load_photos("sklearn", 3)[1].shape == (427, 640, 3)
 
 
 def test_folder_photos(tmp_path):
@@ -113,6 +128,33 @@ def test_validation_is_carved_from_the_training_side_and_leaves_the_test_split_a
         photos.carve_validation(np.arange(5), 1.0)
     with pytest.raises(ValueError, match="from 1 training image"):
         photos.carve_validation(np.arange(1), 0.5)
+
+
+def _data(**fields):
+    cfg = ml_collections.ConfigDict(dict(source="skimage", folder="", channels=1, crop=48, test_fraction=0.2,
+                                         validation_fraction=0.15, extra_validation="", eval_max_side=0,
+                                         num_threads=1))
+    cfg.update(fields)
+    return cfg
+
+
+def test_extra_validation_adds_a_whole_source_and_moves_nothing_else():
+    train0, val0, test0 = photos.load_splits(_data())
+    train, val, test = photos.load_splits(_data(extra_validation="sklearn"))
+    fingerprint = lambda ims: [im[::9, ::9].tobytes() for im in ims]
+    assert fingerprint(train) == fingerprint(train0) and fingerprint(test) == fingerprint(test0)
+    assert len(val0) == 2 and fingerprint(val) == fingerprint(val0) + fingerprint(
+        photos.load_sklearn_photos(channels=1))
+    assert photos.validation_origin(_data(extra_validation="sklearn"), 4) == (
+        "2 set aside from the training side and the 2 of source 'sklearn'")
+    assert photos.validation_origin(_data(), 2) == "2 set aside from the training side"
+    only = photos.load_splits(_data(validation_fraction=0.0, extra_validation="lfw"))
+    assert len(only[1]) == photos.LFW_FACES and len(only[0]) == len(train0) + 2
+    photos.check_photos_config(_data(extra_validation="sklearn"))
+    for bad in ("skimage", "folder", "imagenet"):
+        with pytest.raises(ValueError, match=f"extra_validation='{bad}' must be '' .*other than config.data.source="
+                                             r"'skimage': \['lfw', 'sklearn'\]"):
+            photos.check_photos_config(_data(extra_validation=bad))
 
 
 def _tiny_images():

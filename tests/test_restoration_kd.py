@@ -239,7 +239,8 @@ def test_tiny_run_reports_every_model_and_kd_moves_the_student_to_the_teacher(un
     assert saved["teacher"]["params"] > saved["student_kd"]["params"] == saved["student_scratch"]["params"]
     assert saved["num_test_images"] == 2 and saved["test_image_sizes"] == [[32, 32], [32, 32]]
     # Validation photographs (carved from the training side) are scored the same way, costs aside.
-    assert saved["num_validation_images"] == 2 and set(saved["validation"]) == set(ROWS)
+    assert saved["num_validation_images"] == 4 and set(saved["validation"]) == set(ROWS)
+    assert saved["validation_origin"] == "2 set aside from the training side and the 2 of source 'sklearn'"
     assert saved["validation"]["student_kd"]["psnr"] != saved["student_kd"]["psnr"]
     # A tiny run lowers the student's L1 to the teacher's output on the held-out photographs.
     assert saved["student_kd"]["l1_vs_teacher"] < saved["student_init"]["l1_vs_teacher"]
@@ -275,7 +276,8 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     ("kd.pairs='hidden1'", "config.kd.pairs='hidden1': expected comma-separated 'student:teacher'"),
     ("kd.pairs='hidden1:body7'", "config.kd.pairs: 'body7' is not a teacher feature; valid teacher features: "),
     ("teacher.model=unet", "config.teacher.kwargs: model 'unet' has no field(s) ['num_blocks', 'num_features']"),
-    ("data.source=flickr", "config.data.source='flickr' is not a photo source; valid: ['skimage', 'lfw', 'folder']"),
+    ("data.source=flickr",
+     "config.data.source='flickr' is not a photo source; valid: ['skimage', 'lfw', 'sklearn', 'folder']"),
     ("data.source=lfw,data.crop=32", "image 0 is 25 x 25 pixels, smaller than the 32 x 32 crop"),
     ("data.eval_max_side=8", "config.data.eval_max_side=8 must be 0 (whole photographs) or >= config.data.crop=16"),
     ("kd.w_adv=0.1,kd.adv_loss=wasserstein", "config.kd.adv_loss='wasserstein'; valid: ['hinge', 'logistic']"),
@@ -283,6 +285,8 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     ("denoise,kd.w_adv=0.1,data.crop=15",
      "config.kd.discriminator ('dcgan_discriminator') cannot judge the 8 x 8 windows of config.data.crop=15"),
     ("data.validation_fraction=1.0", "validation_fraction=1.0): validation_fraction=1.0 must be in [0, 1)"),
+    ("data.extra_validation=skimage", "config.data.extra_validation='skimage' must be '' (none) or a packaged photo "
+                                      "source other than config.data.source='skimage': ['lfw', 'sklearn']"),
 ])
 def test_bad_config_values_fail_before_compute(override, message):
     config = load_config(f"tiny,{override}")

@@ -243,7 +243,8 @@ def test_tiny_run_reports_every_pipeline_and_the_tiny_decoder_moves_to_the_teach
     ("data.crop=18", "config.data.crop=18 must be a multiple of the teacher's downsampling factor 4"),
     ("kd.w_target=-1.0", "config.kd.w_target=-1.0 must be >= 0"),
     ("kd.w_teacher=0.0", "config.kd.w_teacher and config.kd.w_target are both 0"),
-    ("data.source=flickr", "config.data.source='flickr' is not a photo source; valid: ['skimage', 'lfw', 'folder']"),
+    ("data.source=flickr",
+     "config.data.source='flickr' is not a photo source; valid: ['skimage', 'lfw', 'sklearn', 'folder']"),
     ("digits,data.resolution=30", "config.data.resolution=30 must be a multiple of the teacher's downsampling "
                                   "factor 4"),
     ("kd.w_perceptual=0.1", "config.kd.w_perceptual=0.1 needs config.kd.judge, a classifier bundle"),

@@ -137,12 +137,13 @@ def degradation_config(name: str = "downsample", **params) -> ml_collections.Con
 def photos_data_config(**overrides) -> ml_collections.ConfigDict:
     """`config.data` of an image-to-image task: photographs, cropped for training (`kdjax.core.photos`)."""
     cfg = ml_collections.ConfigDict(dict(
-        source="skimage",  # "skimage" (its photographs) | "lfw" (its 100 25x25 LFW faces) | "folder"
+        source="skimage",  # "skimage" (its photographs) | "lfw" (its 100 25x25 LFW faces) | "sklearn" | "folder"
         folder="",  # a folder of photographs, for source="folder"
         channels=3,  # 1 (grey) or 3 (RGB)
         crop=48,  # training crops are crop x crop pixels of the clean photograph (the target)
         test_fraction=0.2,  # held-out fraction of the photographs (a fixed split by whole image)
         validation_fraction=0.0,  # fraction of the rest set aside (whole images) to choose settings on
+        extra_validation="",  # "" or another packaged source ("skimage" | "lfw" | "sklearn"), all in validation
         eval_max_side=0,  # > 0: evaluate on centre crops of at most this many pixels a side (0: whole photos)
         num_threads=2,  # background threads cropping and degrading training pairs
     ))

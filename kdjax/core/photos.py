@@ -1,11 +1,12 @@
 """Photographs as the source of an image-to-image task (super-resolution, inpainting, enhancement).
 
 Whole photographs of any size, as uint8 (H, W, C) arrays: the real photographs scikit-image ships (offline),
-the 100 LFW faces of `skimage.data.lfw_subset`, or every image file of a folder. Training reads random crops
-(`random_crops`, a pure function of (seed, step)); the train/test split is over whole images
-(`split_by_image`), so no test pixel is ever trained on, and a validation set of whole images can be carved
-from the training side (`carve_validation`) to choose settings on; evaluation covers whole images in fixed-size tiles
-(`tiles`, `untile`).
+the 100 LFW faces of `skimage.data.lfw_subset`, scikit-learn's two sample photographs, or every image file of a
+folder. Training reads random crops (`random_crops`, a pure function of (seed, step)); the train/test split is
+over whole images (`split_by_image`), so no test pixel is ever trained on, and a validation set of whole images
+can be carved from the training side (`carve_validation`) to choose settings on, and another packaged source's
+photographs can join it whole (`extra_validation`; `load_splits` makes all three sets from `config.data`);
+evaluation covers whole images in fixed-size tiles (`tiles`, `untile`).
 
 An image-to-image task trains on pairs: `PairSource` (for grain) makes item i, a pure function of (seed, i),
 from one random crop of a training photograph (the target) and its degradation (`kdjax.core.degradations`,
@@ -43,6 +44,7 @@ from kdjax.core.images import to_model_range
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
                   "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina",
                   "rocket", "stereo_motorcycle", "text")
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")  # sklearn.datasets.load_sample_images(), 427 x 640 RGB
 LFW_FACES = 100  # skimage.data.lfw_subset(): 100 faces, then 100 non-face background patches (left out)
 SPLIT_SEED = 20_251_201  # the photographs' train/test permutation, independent of any run seed
 
@@ -81,6 +83,16 @@ def load_lfw_faces(channels: int = 1) -> list[np.ndarray]:
     means of three 8-bit channels, so rounding moves a pixel by at most 1/3 grey level)."""
     faces = skimage.data.lfw_subset()[:LFW_FACES]
     return [to_channels(np.round(face * 255.0).astype(np.uint8), channels) for face in faces]
+
+
+def load_sklearn_photos(channels: int = 3) -> list[np.ndarray]:
+    """scikit-learn's two sample photographs (`SKLEARN_PHOTOS`: a Chinese temple and a flower, 427 x 640 RGB, in
+    the package), each uint8 (427, 640, channels)."""
+    from sklearn.datasets import load_sample_images  # scikit-learn is heavy; imported by the source that needs it
+
+    sample = load_sample_images()
+    by_name = {pathlib.Path(path).name: image for path, image in zip(sample.filenames, sample.images)}
+    return [to_channels(by_name[name], channels) for name in SKLEARN_PHOTOS]
 
 
 def load_folder_photos(folder: str | pathlib.Path, channels: int = 3) -> list[np.ndarray]:
@@ -199,23 +211,27 @@ def untile(patches: np.ndarray, height: int, width: int, overlap: int = 0) -> np
 
 
 # ----------------------------------------------------------------------------------------- training pairs
-PHOTO_SOURCES = ("skimage", "lfw", "folder")
+PHOTO_SOURCES = ("skimage", "lfw", "sklearn", "folder")
+PACKAGED_SOURCES = ("skimage", "lfw", "sklearn")
 EVAL_SEED = 20_251_202  # the held-out photographs' degradation draws, the same in every run
 PAIR_SOURCE_LENGTH = 2**62  # "endless": item i of the pair stream exists for every step a run can reach
 
 
 @functools.lru_cache(maxsize=4)
 def packaged_photos(source: str, channels: int) -> tuple[np.ndarray, ...]:
-    """The photographs a package ships ("skimage": `SKIMAGE_PHOTOS`, "lfw": the LFW faces), read once per
-    process and returned read-only (they are shared between callers)."""
-    images = load_skimage_photos(channels=channels) if source == "skimage" else load_lfw_faces(channels)
+    """The photographs a package ships ("skimage": `SKIMAGE_PHOTOS`, "lfw": the LFW faces, "sklearn":
+    `SKLEARN_PHOTOS`), read once per process and returned read-only (they are shared between callers)."""
+    loaders = {"skimage": lambda: load_skimage_photos(channels=channels), "lfw": lambda: load_lfw_faces(channels),
+               "sklearn": lambda: load_sklearn_photos(channels)}
+    images = loaders[source]()
     for image in images:
         image.setflags(write=False)
     return tuple(images)
 
 
 def load_photos(source: str, channels: int, folder: str = "") -> list[np.ndarray]:
-    """Every photograph of `source` ("skimage" | "lfw" | "folder", then `folder`), uint8 (H, W, channels)."""
+    """Every photograph of `source` ("skimage" | "lfw" | "sklearn" | "folder", then `folder`), uint8 (H, W,
+    channels)."""
     if source not in PHOTO_SOURCES:
         raise ValueError(f"config.data.source={source!r} is not a photo source; valid: {list(PHOTO_SOURCES)}.")
     if source == "folder":
@@ -238,6 +254,11 @@ def check_photos_config(cfg: ml_collections.ConfigDict) -> list[np.ndarray]:
                          f"config.data.crop={cfg.crop}.")
     if cfg.source == "folder" and not cfg.folder:
         raise ValueError("config.data.folder is empty; data.source='folder' needs a folder of photographs.")
+    extra = cfg.get("extra_validation", "")
+    if extra and (extra not in PACKAGED_SOURCES or extra == cfg.source):
+        raise ValueError(f"config.data.extra_validation={extra!r} must be '' (none) or a packaged photo source other "
+                         f"than config.data.source={cfg.source!r}: "
+                         f"{[s for s in PACKAGED_SOURCES if s != cfg.source]}.")
     try:
         images = load_photos(cfg.source, cfg.channels, cfg.folder)
         carve_validation(split_by_image(len(images), cfg.test_fraction)[0], cfg.validation_fraction)
@@ -255,6 +276,27 @@ def split_photos(images: Sequence[np.ndarray], test_fraction: float, validation_
     train, test = split_by_image(len(images), test_fraction)
     train, validation = carve_validation(train, validation_fraction)
     return [images[i] for i in train], [images[i] for i in validation], [images[i] for i in test]
+
+
+def load_splits(cfg: ml_collections.ConfigDict) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """(training, validation, test photographs) of `config.data`: its source split by `split_photos`, then every
+    photograph of `cfg.extra_validation` (another packaged source, if set) added to the validation set. Those
+    never touch training or the test set, so they enlarge the set that settings are chosen on without moving the
+    split a shipped teacher was trained with."""
+    train, validation, test = split_photos(load_photos(cfg.source, cfg.channels, cfg.folder), cfg.test_fraction,
+                                           cfg.validation_fraction)
+    if cfg.get("extra_validation", ""):
+        validation = validation + load_photos(cfg.extra_validation, cfg.channels)
+    return train, validation, test
+
+
+def validation_origin(cfg: ml_collections.ConfigDict, num_images: int) -> str:
+    """Where `load_splits`' `num_images` validation photographs come from, for a report: e.g. "2 set aside from
+    the training side and the 2 of scikit-learn's"."""
+    extra = cfg.get("extra_validation", "")
+    num_extra = len(load_photos(extra, cfg.channels)) if extra else 0
+    carved = f"{num_images - num_extra} set aside from the training side"
+    return f"{carved} and the {num_extra} of source {extra!r}" if extra else carved
 
 
 def degraded_shape(name: str, params: Mapping[str, Any], crop: int, channels: int) -> tuple[int, int]:

@@ -17,8 +17,9 @@ otherwise): PSNR and SSIM against the ground truth (`kdjax.evaluation.restoratio
 Y channel for RGB, a `scale`-pixel border shaved for super-resolution; means over the photographs), PSNR and L1
 against the teacher's output, parameters, FLOPs per image and images/s at 64 x 64 outputs (in the compute
 dtype); `report.json` also scores the student at initialisation (`student_init`) and, with
-`config.data.validation_fraction` > 0, every model on the validation photographs (`validation`), carved from the
-training side by whole image, where settings are chosen. `crops.png` shows the same
+`config.data.validation_fraction` > 0 or `config.data.extra_validation`, every model on the validation photographs
+(`validation`: carved from the training side by whole image, plus every photograph of the extra source), where
+settings are chosen. `crops.png` shows the same
 crop of a few test photographs through every model.
 """
 
@@ -301,9 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     channels, crop = config.data.channels, config.data.crop
     scale, extra = photos.degraded_shape(name, params, crop, channels)
     input_shape = (1, crop // scale, crop // scale, channels + extra)
-    train_photos, validation_photos, test_photos = photos.split_photos(
-        photos.load_photos(config.data.source, channels, config.data.folder), config.data.test_fraction,
-        config.data.validation_fraction)
+    train_photos, validation_photos, test_photos = photos.load_splits(config.data)
     source = photos.PairSource(train_photos, crop, name, params, config.seed)
 
     # The teacher starts from fold_in(key, 0); every student phase from fold_in(key, 1), the same initialisation;
@@ -354,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         val_pairs = photos.eval_pairs(validation_photos, name, params, scale, config.data.eval_max_side)
         out["validation"] = score_all(fns, trained, val_pairs, scale, channels)[0]
         out["num_validation_images"] = len(val_pairs)
+        out["validation_origin"] = photos.validation_origin(config.data, len(val_pairs))
     if jax.process_index() == 0:
         images.save_png(workdir / "crops.png", grid)
     scalars = {f"eval/{m}/{k}": v for m in rows for k, v in rows[m].items()}
@@ -411,6 +411,6 @@ def validation_text(out: Mapping[str, Any]) -> str:
     val = out["validation"]
     psnrs = ", ".join(f"{name} {val[name]['psnr']:.2f}" for name in ("baseline", "teacher", "student_kd",
                                                                       "student_scratch"))
-    return (f" Validation ({out['num_validation_images']} photographs set aside from the training side, the ones "
+    return (f" Validation ({out['num_validation_images']} photographs: {out['validation_origin']}; the ones "
             f"to choose settings on; same protocol): PSNR (dB) {psnrs}; `report.json` has every score under "
             "`validation`.")

@@ -22,7 +22,8 @@ dataset) through five encoder + decoder pipelines (`PIPELINES`): PSNR and SSIM a
 images), PSNR and L1 against the teacher's reconstruction, and the tiny encoder's latent MSE; the tiny decoder
 at initialisation (`tiny_decoder_init`, the same pipeline as tiny_decoder_kd); the cost of each decoder and
 encoder (parameters, FLOPs per image and images/s at COST_SIDE-pixel images, in the compute dtype). With
-`validation_fraction` > 0 the same scores on the validation images (`validation`). Models are evaluated in
+`validation_fraction` > 0 (or, on photographs, `extra_validation`) the same scores on the validation images
+(`validation`). Models are evaluated in
 float32. `crops.png` shows the same crop of a few test images through the pipelines.
 """
 
@@ -194,8 +195,7 @@ def load_images(config: ml_collections.ConfigDict, factor: int
     of `factor` and at most `eval_max_side`) or batches of `config.eval_batch_size` images of a dataset."""
     cfg = config.data
     if uses_photos(config):
-        train, validation, test = photos.split_photos(photos.load_photos(cfg.source, cfg.channels, cfg.folder),
-                                                      cfg.test_fraction, cfg.validation_fraction)
+        train, validation, test = photos.load_splits(cfg)
         batches = lambda size: crop_batches(train, cfg.crop, size, config.seed)
         whole = lambda ims: [images.to_model_range(photos.eval_crop(im, factor, cfg.eval_max_side)[None])
                              for im in ims]
@@ -436,6 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if validation:  # the images to choose settings on: the same scores, no costs
         out["validation"] = score_all(fns, trained, initial, validation)[0]
         out["num_validation_images"] = int(sum(len(b) for b in validation))
+        out["validation_origin"] = (photos.validation_origin(config.data, out["num_validation_images"])
+                                    if uses_photos(config) else "set aside from the training side")
     if jax.process_index() == 0:
         images.save_png(workdir / "crops.png", crop_grid(test, outputs))
     scalars = {f"eval/{m}/{k}": v for m in (*PIPELINES, "tiny_decoder_init") for k, v in rows[m].items()}
@@ -491,6 +493,6 @@ def validation_text(out: Mapping[str, Any]) -> str:
     if "validation" not in out:
         return ""
     psnrs = ", ".join(f"{name} {out['validation'][name]['psnr']:.2f}" for name in PIPELINES)
-    return (f" Validation ({out['num_validation_images']} images set aside from the training side, the ones to "
+    return (f" Validation ({out['num_validation_images']} images: {out['validation_origin']}; the ones to "
             f"choose settings on; same protocol): PSNR (dB) {psnrs}; `report.json` has every score under "
             "`validation`.")
