@@ -19,8 +19,13 @@ most of it the teacher's Heun rows; the report had all five teacher rows then, 5
 the teacher's 16-step Heun, 1835 against 4 images/s) reaches FID 26.9 against the teacher's best 5.0 (5.4x; the
 target is 1.5x), with precision 0.46 and recall 0.14: its digits look like digits but too few kinds of them
 (README, "Diffusion"). 400 data-free steps from a random initialisation are a short budget (DMD2 starts its
-generator from the teacher's weights, which a DCGAN cannot); the GAN term (`dmd.gan.generator_weight`, DMD2's
-3e-3) and longer runs are the next things to try.
+generator from the teacher's weights, which a DCGAN cannot).
+
+DMD2's GAN term was tried on validation seed 100 and not taken (`python -m kdjax.sweep
+--config=configs/diffusion_to_dcgan.py --seeds=1 --seed_offset=100 --setting base= --setting
+gan=dmd.gan.generator_weight=3e-3`): FID 21.44 with it against 21.37 without (the teacher's 4.62 on that seed's
+noise), KID 0.382 against 0.455, recall 0.30 against 0.25: more kinds of digits, but no better FID, and training
+at 0.39 steps/s against 0.53 (the head's passes over the real images). Longer runs are the next thing to try.
 """
 
 import ml_collections
