@@ -22,7 +22,8 @@ min (600 steps), `:dmd` 22 min (500 steps at about 0.85 steps/s), and 20.6 min
 with the machine otherwise nearly idle (a 3-seed sweep's last seed): just over 20 minutes; the
 report's teacher rows (57 evaluations per sample) were 6 to 12 minutes of each. These times are from before
 `:consistency` and `:dmd` dropped all but the reference row; since then `:dmd` took 14.3 min on the idle 2 cores
-(9.8 of training, 4.4 of report). Figures: README, "Diffusion".
+(9.8 of training, 4.4 of report). DMD2's GAN term (`dmd.gan.generator_weight=3e-3`) raised the one-step FID on
+validation seed 100 from 8.62 to 12.69, so it stays off. Figures: README, "Diffusion".
 """
 
 import ml_collections
