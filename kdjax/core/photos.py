@@ -292,7 +292,7 @@ def load_splits(cfg: ml_collections.ConfigDict) -> tuple[list[np.ndarray], list[
 
 def validation_origin(cfg: ml_collections.ConfigDict, num_images: int) -> str:
     """Where `load_splits`' `num_images` validation photographs come from, for a report: e.g. "2 set aside from
-    the training side and the 2 of scikit-learn's"."""
+    the training side and the 2 of source 'sklearn'"."""
     extra = cfg.get("extra_validation", "")
     num_extra = len(load_photos(extra, cfg.channels)) if extra else 0
     carved = f"{num_images - num_extra} set aside from the training side"
