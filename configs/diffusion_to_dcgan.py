@@ -39,8 +39,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.data = data_config(source="digits", resolution=32, channels=1)
     config.teacher = ml_collections.ConfigDict(dict(bundle=str(DIGITS32_DIFFUSION)))
     config.method = "dmd"
-    # the teacher's reference row only (Heun, 16 steps); its whole curve is configs/diffusion_distill.py's default
-    # run's (sampler.teacher_steps=(1,2,4,8,16) for it here)
+    # the teacher's reference row only (Heun, 16 steps); its whole curve: configs/diffusion_distill.py:curve
+    # (sampler.teacher_steps=(1,2,4,8,16) for it here)
     config.sampler = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0, rho=7.0, teacher_steps=(16,)))
     config.dmd = ml_collections.ConfigDict(dict(
         generator=ml_collections.ConfigDict(dict(
