@@ -54,7 +54,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.student = ml_collections.ConfigDict(dict(  # a thin EDSR: 15.2x fewer FLOPs than the teacher
         model="edsr",
         kwargs=ml_collections.ConfigDict(dict(num_features=16, num_blocks=8)),
-        train=phase_train_config(2000, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
+        # 3000 steps: 4000 lifted the validation PSNR over 2000 (34.24 against 34.19 dB); 3000 fits the 15 minutes
+        train=phase_train_config(3000, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
     ))
     config.kd = ml_collections.ConfigDict(dict(
         alpha=0.0,  # weight of L1 to the ground truth (1 - alpha: L1 to the teacher's output); chosen on validation
@@ -112,6 +113,7 @@ def unets(config: ml_collections.ConfigDict, shipped_teacher: str) -> None:
     config.teacher.kwargs = ml_collections.ConfigDict(dict(widths=(32, 64, 128)))
     config.student.kwargs = ml_collections.ConfigDict(dict(widths=(8, 16, 32)))
     config.kd.pairs = "dec1:dec1,bottleneck:bottleneck"
+    config.student.train.num_steps = 2000  # the steps their README figures were measured at
 
 
 def inpaint(config: ml_collections.ConfigDict) -> None:
