@@ -25,7 +25,10 @@ student was chosen again among those at >= 10x fewer FLOPs than the teacher, KD 
 dB (101.2 MFLOPs per 64x64 output, 15.2x fewer), ESPCN (64, 32) 34.167 (53.4), EDSR 24 x 4 34.154 (140.6). The thin
 EDSR is the default; its feature terms pair its body4 and body maps with the teacher's. w_fakd = 0.2 is the official
 FAKD setting (weight 10 on the sum over 3 maps of L1 images in [0, 255]) rescaled to this code's images in [-1, 1]
-and its mean over maps: 10 * 3 / 127.5. Run times and the figures over 3 seeds: README, "Image restoration".
+and its mean over maps: 10 * 3 / 127.5. The student trains 3000 steps: 4000 lifted its validation PSNR over 2000
+(34.24 against 34.19 dB, seed 100) but takes longer than 15 minutes; 3000 is the most that fits (12.5 minutes a
+run on the idle 2 cores, 10.2 of them the KD phase, whose steps cost 4 scratch steps for the teacher's forward
+pass). Figures over 3 seeds: README, "Image restoration".
 `:inpaint` and `:denoise` use the same recipe with U-Nets, not re-chosen for them (13-17 minutes a run with three
 runs sharing the 2 cores; `:inpaint` alone on the idle cores: 5.3 minutes).
 """
@@ -54,7 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.student = ml_collections.ConfigDict(dict(  # a thin EDSR: 15.2x fewer FLOPs than the teacher
         model="edsr",
         kwargs=ml_collections.ConfigDict(dict(num_features=16, num_blocks=8)),
-        # 3000 steps: 4000 lifted the validation PSNR over 2000 (34.24 against 34.19 dB); 3000 fits the 15 minutes
+        # 3000 steps (module docstring); :inpaint and :denoise train 2000
         train=phase_train_config(3000, 16, name="adam", learning_rate=1e-3, schedule="cosine"),
     ))
     config.kd = ml_collections.ConfigDict(dict(
