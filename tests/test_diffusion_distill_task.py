@@ -78,7 +78,7 @@ def test_each_method_reports_its_students_next_to_the_teacher(runs, method):
     workdir, out = runs[method]
     assert json.loads((workdir / "report.json").read_text())["method"] == method
     teacher_rows = [(r["sampler"], r["nfe"]) for r in out["rows"] if r["model"] == "teacher"]
-    # the whole teacher curve in the default (progressive) run; its reference row (most steps) in the others'
+    # the tiny config's two teacher rows in the progressive run; its reference row (most steps) in the others'
     assert teacher_rows == ([("Heun 1-step", 1), ("Heun 2-step", 3)] if method == "progressive" else
                             [("Heun 2-step", 3)])
     students = [r for r in out["rows"] if r["model"] == method]
