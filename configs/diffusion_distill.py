@@ -18,8 +18,8 @@ digits and against the teacher's 16-step samples, in the shipped judge's feature
 The training settings are starting points sized for this CPU, not tuned. Run times on the project's 2-core CPU with
 the machine otherwise idle: `:curve` (progressive, seed 0) 22.8 min: 13.3 of training (800 steps at 1.05 steps/s),
 3.3 for the teacher's 1- to 8-step rows, 3.7 for its 16-step row, 1.9 for the students' rows. The default run
-leaves the 3.3 minutes out: about 19.5 min, read off that run's log (not timed alone), so at the 20-minute target
-with little to spare. `:consistency` 17.5 min (seed 1), `:dmd` 14.3 min (seed 0). DMD2's GAN term
+leaves the 3.3 minutes out, and took 21.1 min alone (seed 0; 14.6 of training at 1.0 steps/s): over the 20-minute
+target. `:consistency` 17.5 min (seed 1), `:dmd` 14.3 min (seed 0). DMD2's GAN term
 (`dmd.gan.generator_weight=3e-3`) raised the one-step FID on validation seed 100 from 8.62 to 12.69, so it stays
 off. Figures: README, "Diffusion".
 """
