@@ -26,9 +26,10 @@ dB (101.2 MFLOPs per 64x64 output, 15.2x fewer), ESPCN (64, 32) 34.167 (53.4), E
 EDSR is the default; its feature terms pair its body4 and body maps with the teacher's. w_fakd = 0.2 is the official
 FAKD setting (weight 10 on the sum over 3 maps of L1 images in [0, 255]) rescaled to this code's images in [-1, 1]
 and its mean over maps: 10 * 3 / 127.5. The student trains 3000 steps: 4000 lifted its validation PSNR over 2000
-(34.24 against 34.19 dB, seed 100) but takes longer than 15 minutes; 3000 is the most that fits (12.5 minutes a
-run on the idle 2 cores, 10.2 of them the KD phase, whose steps cost 4 scratch steps for the teacher's forward
-pass). Figures over 3 seeds: README, "Image restoration".
+(34.24 against 34.19 dB, seed 100) but would take about 16 minutes (estimated from the step rates below, not
+timed); 3000 fits with a margin (12.5 minutes a run on the 2 cores, idle but for its first 1.5 minutes, 10.2 of
+them the KD phase, whose steps cost 4 scratch steps for the teacher's forward pass). Figures over 3 seeds: README,
+"Image restoration".
 `:inpaint` and `:denoise` use the same recipe with U-Nets, not re-chosen for them (13-17 minutes a run with three
 runs sharing the 2 cores; alone on the idle cores, seed 0: `:inpaint` 5.3 minutes, `:denoise` 5.7).
 """
