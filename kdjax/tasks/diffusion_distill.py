@@ -7,7 +7,8 @@ The teacher is an EDM denoiser bundle (`config.teacher.bundle`, the `diffusion_t
 - "progressive" (`kdjax.steps.progressive`, Salimans & Ho 2022): the student starts from the teacher's weights
   and learns to make one Euler step of two of the teacher's, on the teacher's grid of `base_steps` EDM levels;
   phase `stage{N}` trains the N-step student, whose EMA is the next stage's teacher, N = base_steps / 2 down to
-  `final_steps`. Every stage's student is in the report, sampled with its N Euler steps.
+  `final_steps`, for its share (`stage_fractions`) of `train.num_steps` steps. Every stage's student is in the
+  report, sampled with its N Euler steps.
 - "consistency" (`kdjax.steps.consistency`, Song et al. 2023): the teacher's network with the consistency
   parameterisation (f(x; sigma_min) = x), started from the teacher's weights, learns to map every point of the
   teacher's Heun ODE steps between `num_levels` EDM levels to the same end; phase `consistency`. Sampled with 1
@@ -131,6 +132,20 @@ def check_progressive(config: ml_collections.ConfigDict) -> None:
                          f"{cfg.base_steps}.")
     checks.check_phase(cfg.train, "config.progressive.train")
     checks.check_fraction(cfg.ema_decay, "config.progressive.ema_decay", closed_high=False)
+    num_stages = int(np.log2(cfg.base_steps // cfg.final_steps))
+    fractions = tuple(cfg.stage_fractions)
+    if fractions and (len(fractions) != num_stages or min(stage_steps(cfg)) < 1):
+        raise ValueError(f"config.progressive.stage_fractions={fractions} must be empty (every stage trains "
+                         f"train.num_steps={cfg.train.num_steps} steps) or give each of the {num_stages} stages "
+                         f"({cfg.base_steps} -> {cfg.final_steps} steps) its share of them, each >= 1 step.")
+
+
+def stage_steps(cfg: ml_collections.ConfigDict) -> list[int]:
+    """The training steps of each progressive stage, base stage first: `train.num_steps` times the stage's
+    `stage_fractions` entry, rounded (all of them when `stage_fractions` is empty)."""
+    num_stages = int(np.log2(cfg.base_steps // cfg.final_steps))
+    fractions = tuple(cfg.stage_fractions) or (1.0,) * num_stages
+    return [int(round(f * cfg.train.num_steps)) for f in fractions]
 
 
 def check_consistency(config: ml_collections.ConfigDict) -> None:
@@ -190,17 +205,18 @@ def run_progressive(config, workdir, teacher_model, teacher_params, dataset, mes
     frozen = progressive.network_teacher(teacher_model.clone(dropout=0.0))
     key = jax.random.fold_in(jax.random.key(config.seed), STEP_SALT["progressive"])
     params, teacher_steps, students = teacher_params, cfg.base_steps, []
-    while teacher_steps // 2 >= cfg.final_steps:
+    for num_steps in stage_steps(cfg):
         steps = teacher_steps // 2
         grid = progressive.stage_grid(base, teacher_steps)
-        tx = optim.make_optimizer(cfg.train.optimizer, cfg.train.num_steps)
+        train_cfg = ml_collections.ConfigDict({**cfg.train.to_dict(), "num_steps": num_steps})
+        tx = optim.make_optimizer(train_cfg.optimizer, num_steps)
         state = parallel.replicate(progressive.init_state(params, tx), mesh)
         step = progressive.make_progressive_step(student, frozen, grid, tx, mesh, jax.random.fold_in(key, steps),
                                                  ema_decay=cfg.ema_decay)
         constants = parallel.replicate({"params": params}, mesh)
         name = f"stage{steps}"
         state, finished = run_phase(name, config, workdir, state, lambda s, b: step(s, b, constants), dataset.train,
-                                    cfg.train, mesh, writer, budget)
+                                    train_cfg, mesh, writer, budget)
         if not finished:
             return None
         params = parallel.to_host(state.ema)
