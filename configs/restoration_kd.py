@@ -47,6 +47,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # on centre crops of at most 256 pixels.
     config.data = photos_data_config(source="skimage", channels=3, crop=48, test_fraction=0.2,
                                      validation_fraction=0.15, extra_validation="sklearn", eval_max_side=256)
+    # 0: each student step draws fresh crops and runs the teacher on them. N > 0: both students train on one fixed
+    # pool of N pairs, with the teacher's outputs on it computed once before training (a KD step then costs about
+    # a scratch step; the pool's memory is checked before any compute).
+    config.data.train_pool = 0
     config.degradation = degradation_config("downsample", scale=2)  # sets the models' scale (and extra_inputs)
     config.teacher = ml_collections.ConfigDict(dict(
         model="edsr",

@@ -3,8 +3,9 @@ reports them next to the teacher's sampler (NFE, FLOPs = NFE x one evaluation, F
 against the teacher's samples, the teacher's reference row at FID 0 against itself); the one-step generator made of
 the teacher's network starts as the teacher's one-step estimate; the consistency parameterisation meets its boundary
 condition; a stopped and resumed progressive run (stopped inside its second stage) equals an uninterrupted one
-bitwise; the DCGAN student carries its BatchNorm statistics; bad configs fail with one clear error before any
-compute; the shipped digits teacher fits both default configs and denoises held-out digits."""
+bitwise; stage_fractions set each progressive stage's steps; the DCGAN student carries its BatchNorm statistics; bad
+configs fail with one clear error before any compute; the shipped digits teacher fits both default configs and
+denoises held-out digits."""
 
 import json
 import pathlib
@@ -159,6 +160,23 @@ def test_progressive_stop_and_resume_equals_uninterrupted_bitwise(runs, bundles_
             np.testing.assert_array_equal(x, y)
 
 
+def test_progressive_stage_fractions_give_each_stage_its_steps(runs, bundles_dir, tmp_path):
+    """stage_fractions (1, 0.5) of 4 steps: the first stage trains 4 steps and ends on the uniform run's student
+    bitwise; the second trains 2 (its latest checkpoint) and so ends elsewhere."""
+    config = load_config(bundles_dir, "tiny", judge=False)
+    config.progressive.stage_fractions = (1.0, 0.5)
+    diffusion_distill.check_config(config)
+    assert diffusion_distill.stage_steps(config.progressive) == [4, 2]
+    assert train.train_and_evaluate(config, tmp_path) is not None
+    reference, _ = runs["progressive"]
+    for stage, steps, same in (("stage2", 4, True), ("stage1", 2, False)):
+        saved = sorted(int(p.name) for p in (tmp_path / stage / "checkpoints").iterdir() if p.name.isdigit())
+        assert saved[-1] == steps
+        a = bundles.load_model_bundle(tmp_path / stage / "bundle")[1]
+        b = bundles.load_model_bundle(reference / stage / "bundle")[1]
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)) == same
+
+
 def test_dmd_into_the_dcgan_student_carries_its_batch_statistics(bundles_dir, tmp_path):
     """configs/diffusion_to_dcgan.py:tiny: the DCGAN generator (BatchNorm) trains data-free, its exported bundle
     holds moved running statistics, and it samples with them: the report's row is its own."""
@@ -207,6 +225,9 @@ BAD = [
     ("method='flow'", r"config.method='flow'; valid: \['progressive', 'consistency', 'dmd'\]"),
     ("progressive.base_steps=6", r"config.progressive.base_steps=6 must be a power of two"),
     ("progressive.final_steps=4", r"config.progressive.final_steps=4 must be a power of two below base_steps=4"),
+    ("progressive.stage_fractions=(1.0,)", r"config.progressive.stage_fractions=\(1.0,\) must be empty .* each of "
+     r"the 2 stages \(4 -> 1 steps\)"),
+    ("progressive.stage_fractions=(1.0,0.1)", r"config.progressive.stage_fractions=\(1.0, 0.1\) must be empty"),
     ("consistency.mid_sigmas=(0.1,0.5)", r"config.consistency.mid_sigmas=\(0.1, 0.5\) must decrease"),
     ("consistency.sample_steps=(1,3)", r"config.consistency.sample_steps=\(1, 3\) must be distinct integers from 1"),
     ("consistency.distance='l1'", r"config.consistency.distance='l1'; valid"),

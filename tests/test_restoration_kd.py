@@ -1,5 +1,6 @@
 """The image-restoration distillation task (tiny): training pairs, the step's terms against numpy, 8 devices equal
-1, the report, exact resume, and bad configs as one clear error before compute."""
+1, a fixed training pool with the teacher's outputs computed once (the step on it equals the step that runs the
+teacher), the report, exact resume, and bad configs as one clear error before compute."""
 
 import json
 import pathlib
@@ -227,6 +228,46 @@ def test_kd_step_on_8_devices_equals_1(tiny_models, tiny_adversary, adversarial)
     assert not any(np.array_equal(a, b) for a, b in zip(params[0], before))  # D moved too
 
 
+def test_pool_source_draws_rows_of_its_pool_by_seed_and_item():
+    pool = {"input": np.arange(5.0)[:, None], "nested": {"target": np.arange(5.0)[:, None] * 10}}
+    source = photos.PoolSource(pool, seed=3)
+    items = [source[i] for i in range(200)]
+    for i, item in enumerate(items):  # an item is one row of every array, the same row
+        j = source.index(i)
+        assert item["input"][0] == j and item["nested"]["target"][0] == 10 * j
+    assert {source.index(i) for i in range(200)} == set(range(5))
+    assert [source.index(i) for i in range(20)] == [photos.PoolSource(pool, seed=3).index(i) for i in range(20)]
+    assert [source.index(i) for i in range(20)] != [photos.PoolSource(pool, seed=4).index(i) for i in range(20)]
+    with pytest.raises(ValueError, match=re.escape("one common, non-zero length; got lengths [2, 5]")):
+        photos.PoolSource({**pool, "other": np.zeros(2)}, seed=0)
+
+
+def test_kd_step_on_the_pool_equals_the_step_that_runs_the_teacher(tiny_models):
+    """The first 16 pairs of a pool (the teacher's outputs and paired maps computed by `training_pool`, 64 a pass):
+    one KD step with them in the batch, without the teacher, ends on the parameters of the step that runs the
+    teacher on the same inputs."""
+    student, teacher, t_vars, s_params, adapters, adapter_params = tiny_models
+    source = photos.PairSource(flat_photos(), 8, "downsample", {"scale": 2}, seed=0)
+    pool = restoration_kd.training_pool(source, 70, teacher, t_vars, sorted(set(PAIRS.values())))
+    assert pool["teacher"].shape == (70, 8, 8, 1) and set(pool["teacher_features"]) == {"body1", "body"}
+    np.testing.assert_array_equal(pool["input"][5], source[5]["input"])
+    kd = Distillation(teacher, alpha=0.4, w_feat=0.5, w_fakd=2.0, pairs=PAIRS, adapters=adapters)
+    tx, mesh = optax.sgd(0.5), parallel.make_mesh(jax.devices()[:1])
+    variables = {"params": {"student": s_params, "adapters": adapter_params}}
+    batch = jax.tree.map(lambda a: a[:16], pool)
+    ends = []
+    for given, constants in (({k: batch[k] for k in ("input", "target")}, t_vars), (batch, {})):
+        state = parallel.replicate(TrainState.create(variables, tx), mesh)
+        state, metrics = make_train_step(student, tx, mesh, kd)(state, parallel.global_batch(given, mesh),
+                                                                parallel.replicate(constants, mesh))
+        ends.append((jax.tree.leaves(parallel.to_host(state.params)), metrics.compute()))
+    for a, b in zip(ends[0][0], ends[1][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for name in ("l1_teacher", "feature", "fakd"):
+        np.testing.assert_allclose(ends[0][1][name], ends[1][1][name], rtol=1e-5)
+        assert ends[0][1][name] > 0
+
+
 # ----------------------------------------------------------------------------------------- the task
 def test_tiny_run_reports_every_model_and_kd_moves_the_student_to_the_teacher(uninterrupted):
     workdir, report = uninterrupted
@@ -268,6 +309,27 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     assert without_timing(resumed) == without_timing(report)
 
 
+def test_pooled_run_resumes_bitwise_and_distils(uninterrupted, tmp_path):
+    """data.train_pool = 64: both students train on one fixed pool, the teacher's outputs computed once; stopped
+    inside student_kd and relaunched (the pool rebuilt), it ends on the bundles of an uninterrupted pooled run,
+    and KD still moves the student towards the teacher."""
+    pooled = lambda: load_config("tiny,data.train_pool=64")
+    reference = train.train_and_evaluate(pooled(), tmp_path / "whole")
+    assert reference["train_pool"] == 64 and "fixed pool of 64 pairs" in (tmp_path / "whole" / "report.md").read_text()
+    assert reference["student_kd"]["l1_vs_teacher"] < reference["student_init"]["l1_vs_teacher"]
+    assert reference["student_kd"]["psnr"] != uninterrupted[1]["student_kd"]["psnr"]  # other pairs than the stream
+    config = pooled()
+    config.stop_after_steps = 14
+    assert train.train_and_evaluate(config, tmp_path / "resumed") is None
+    resumed = train.train_and_evaluate(pooled(), tmp_path / "resumed")
+    for phase in PHASES:
+        for a, b in zip(jax.tree.leaves(bundles.load_model_bundle(tmp_path / "whole" / phase / "bundle")[1]),
+                        jax.tree.leaves(bundles.load_model_bundle(tmp_path / "resumed" / phase / "bundle")[1]),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert without_timing(resumed) == without_timing(reference)
+
+
 @pytest.mark.parametrize("override,message", [
     ("degradation.name=sharpen", "config.degradation.name='sharpen' is not a degradation; valid: ['blur', "),
     ("data.crop=15", "config.degradation.scale=2 does not divide the crop size 15"),
@@ -285,6 +347,8 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     ("denoise,kd.w_adv=0.1,data.crop=15",
      "config.kd.discriminator ('dcgan_discriminator') cannot judge the 8 x 8 windows of config.data.crop=15"),
     ("data.validation_fraction=1.0", "validation_fraction=1.0): validation_fraction=1.0 must be in [0, 1)"),
+    ("data.train_pool=-1", "config.data.train_pool=-1 must be an integer >= 0 (0: fresh pairs every step)"),
+    ("data.train_pool=100000000", "config.data.train_pool=100000000 would hold "),
     ("data.extra_validation=skimage", "config.data.extra_validation='skimage' must be '' (none) or a packaged photo "
                                       "source other than config.data.source='skimage': ['lfw', 'sklearn']"),
 ])

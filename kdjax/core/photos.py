@@ -10,7 +10,8 @@ evaluation covers whole images in fixed-size tiles (`tiles`, `untile`).
 
 An image-to-image task trains on pairs: `PairSource` (for grain) makes item i, a pure function of (seed, i),
 from one random crop of a training photograph (the target) and its degradation (`kdjax.core.degradations`,
-the input); `PairBatches` serves them as global batches by step, this process's rows only, like
+the input); `PoolSource` draws items from a fixed pool of them instead (e.g. with a teacher's outputs computed
+once); `PairBatches` serves either as global batches by step, this process's rows only, like
 `kdjax.core.data.TrainBatches`. `eval_pairs` gives the held-out photographs whole (centre-cropped to a
 multiple of the scale, and to at most `eval_max_side` pixels when set), degraded with a fixed rng.
 `check_photos_config` validates `config.data` before any compute.
@@ -47,6 +48,7 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", 
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")  # sklearn.datasets.load_sample_images(), 427 x 640 RGB
 LFW_FACES = 100  # skimage.data.lfw_subset(): 100 faces, then 100 non-face background patches (left out)
 SPLIT_SEED = 20_251_201  # the photographs' train/test permutation, independent of any run seed
+POOL_SALT = 7  # keeps a PoolSource's draws apart from the PairSource draws of the same seed
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -335,8 +337,33 @@ class PairSource:
         return {"input": x[0], "target": target[0]}
 
 
+class PoolSource:
+    """Random access to a fixed pool of training examples for grain, as an endless stream like `PairSource`:
+    item i, a pure function of (seed, i), is pool entry j = rng.integers(0, N) with rng =
+    np.random.default_rng([seed, POOL_SALT, i]). `pool` is a dict (nested dicts allowed, e.g. a teacher's feature
+    maps) of arrays sharing their leading axis N; an item is every array's row j."""
+
+    def __init__(self, pool: Mapping[str, Any], seed: int):
+        sizes = {len(a) for a in jax.tree.leaves(pool)}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"a pool needs arrays of one common, non-zero length; got lengths {sorted(sizes)}.")
+        self.pool, self.size, self.seed = pool, sizes.pop(), seed
+
+    def __len__(self) -> int:
+        return PAIR_SOURCE_LENGTH
+
+    def index(self, i: int) -> int:
+        """The pool entry item i reads."""
+        return int(np.random.default_rng([self.seed, POOL_SALT, int(i)]).integers(0, self.size))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = self.index(i)
+        return jax.tree.map(lambda a: a[j], self.pool)
+
+
 class PairBatches:
-    """Batches of `PairSource` pairs, {"input", "target"} float32, random access by step, this process's rows.
+    """Batches of `PairSource` pairs, {"input", "target"} float32 (or of `PoolSource` items), random access by
+    step, this process's rows.
 
     Global batch s holds items [s G, (s + 1) G) of the source (G the global batch size), and process p reads
     rows [p L, (p + 1) L) of it (L = G / processes), so `batch(step)` is a pure function of (seed, step,
@@ -344,7 +371,7 @@ class PairBatches:
     yields the same batches, prefetched by grain's threads.
     """
 
-    def __init__(self, source: PairSource, global_batch_size: int, process_index: int | None = None,
+    def __init__(self, source: PairSource | PoolSource, global_batch_size: int, process_index: int | None = None,
                  process_count: int | None = None, num_threads: int = 2):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count

@@ -10,7 +10,8 @@ map, `FeatureAdapters`, trained with S), minimises on each device
 
 - L1 = `losses.l1`, the mean absolute error over pixels and channels (images in [-1, 1]);
 - T the frozen teacher: its variables are a constant argument of the step, never in the optimizer or the
-  checkpoints; sg = stop_gradient;
+  checkpoints; sg = stop_gradient. T(x) and f_T may instead come with the batch, computed once before training
+  (a fixed pool of training pairs, `kdjax.tasks.restoration_kd`): the same objective without T's forward pass;
 - FM = `losses.feature_matching` (mean squared error) and FAKD = `losses.fakd` (L1 between spatial affinity
   matrices), both over `pairs`: student feature name -> teacher feature name, maps of the same spatial size
   (for EDSR -> ESPCN both at the low resolution). FAKD needs no adapter: an affinity matrix is HW x HW
@@ -141,14 +142,20 @@ def matched(student_feats: Mapping[str, jax.Array], teacher_feats: Mapping[str, 
 
 
 def objective(student: nn.Module, params: Any, x: jax.Array, y: jax.Array, kd: Distillation | None,
-              teacher_variables: Any, d_params: Any = None) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+              teacher_variables: Any, d_params: Any = None, cached: Mapping[str, Any] | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """(the per-device loss (module docstring), its terms, the student's output). `params` = {"student": ...,
-    ["adapters": ...]}; `d_params` the discriminator's parameters when `kd.adversary` is set."""
+    ["adapters": ...]}; `d_params` the discriminator's parameters when `kd.adversary` is set. `cached`: the
+    teacher's outputs on x computed before training, {"teacher": T(x), "teacher_features": {name: f_T[name]} (at
+    least the paired maps)}, used instead of running T (`teacher_variables` is then unused)."""
     restored, f_s = student.apply({"params": params["student"]}, x, train=True, return_features=True)
     l1_target = losses.l1(restored, y)
     if kd is None:
         return l1_target, {"l1_target": l1_target}, restored
-    t_restored, f_t = kd.teacher.apply(teacher_variables, x, train=False, return_features=True)
+    if cached is None:
+        t_restored, f_t = kd.teacher.apply(teacher_variables, x, train=False, return_features=True)
+    else:
+        t_restored, f_t = cached["teacher"], cached["teacher_features"]
     l1_teacher = losses.l1(restored, jax.lax.stop_gradient(t_restored))
     feature = fakd = jnp.float32(0.0)
     if kd.pairs:
@@ -182,16 +189,20 @@ def init_discriminator(adversary: Adversary, channels: int, key: jax.Array) -> d
 def make_train_step(student: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     kd: Distillation | None = None) -> Callable:
     """The jitted data-parallel step `(state, batch, teacher_variables) -> (state, metrics)`; `state.params` =
-    {"student": ..., ["adapters": ...]}, `batch` = {"input", "target"}, `teacher_variables` {} without kd;
-    with an adversary `state.model_state["discriminator"]` = {"params", "opt_state"} (`init_discriminator`)."""
+    {"student": ..., ["adapters": ...]}, `batch` = {"input", "target"} and, when the teacher's outputs were
+    computed before training, "teacher" and "teacher_features" (`objective`'s `cached`; the teacher is then not
+    run and `teacher_variables` may be {}); `teacher_variables` {} without kd; with an adversary
+    `state.model_state["discriminator"]` = {"params", "opt_state"} (`init_discriminator`)."""
     adversary = kd.adversary if kd is not None else None
 
     def per_device(state: TrainState, batch: dict, teacher_variables: Any):
         d = state.model_state.get("discriminator")
+        cached = ({k: batch[k] for k in ("teacher", "teacher_features")} if kd is not None and "teacher" in batch
+                  else None)
 
         def loss_fn(params):
             loss, terms, restored = objective(student, params, batch["input"], batch["target"], kd,
-                                              teacher_variables, None if d is None else d["params"])
+                                              teacher_variables, None if d is None else d["params"], cached)
             return jax.lax.pmean(loss, DATA_AXIS), (terms, restored)
 
         (loss, (terms, restored)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

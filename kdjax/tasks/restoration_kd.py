@@ -7,6 +7,11 @@ photograph) and runs its phases, each resumable, in `workdir/PHASE/`:
 2. `student_kd`: the student trained with the teacher (`kdjax.steps.restoration`, every term there):
    alpha * L1(S(x), y) + (1 - alpha) * L1(S(x), sg(T(x))) + w_feat * FM(A(f_S), f_T) + w_fakd * FAKD(f_S, f_T);
 3. `student_scratch`: the same student, same seed and initialisation, on L1(S(x), y) alone.
+With `config.data.train_pool` = N > 0 both students train on one fixed pool of N pairs (`photos.PoolSource`: the
+first N pairs of the stream, drawn at random each step), and the teacher's outputs and paired maps on the pool
+are computed once before the student_kd phase (`training_pool`) instead of at every step: the same objective,
+without the teacher's forward pass in the step (most of a KD step's cost when the teacher is 15x the student).
+The pool is rebuilt, the same, at every launch (a resumed run included).
 Each model's variables are exported as a bundle in `workdir/PHASE/bundle`. The models' `scale` and
 `extra_inputs` come from the degradation (x2 super-resolution: scale 2; inpainting: one mask channel).
 
@@ -26,6 +31,7 @@ crop of a few test photographs through every model.
 from __future__ import annotations
 
 import pathlib
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -33,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from kdjax import models
@@ -55,6 +62,8 @@ COST_BATCH = 16  # the batch images/s is timed at
 CROP_IMAGES = 4  # test photographs shown in crops.png
 CROP_SIDE = 64  # side (output pixels) of the crop shown, at most
 CROP_COLUMNS = ("input", "baseline", "student_scratch", "student_kd", "teacher", "ground truth")
+POOL_MAX_BYTES = 8 * 2**30  # the most a training pool (config.data.train_pool) may hold
+POOL_BATCH = 64  # pairs per teacher pass while the pool's teacher outputs are computed
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -147,7 +156,28 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     else:
         teacher = build(config.teacher, channels, scale, extra, jnp.float32)[0]
         check_spec(teacher, f"config.teacher (model {config.teacher.model!r})", channels, scale, extra, name)
-    check_pairs(feature_pairs(config.kd.pairs), student, teacher, (1, crop // scale, crop // scale, channels + extra))
+    input_shape = (1, crop // scale, crop // scale, channels + extra)
+    check_pairs(feature_pairs(config.kd.pairs), student, teacher, input_shape)
+    check_pool(config.data.train_pool, teacher, feature_pairs(config.kd.pairs), input_shape)
+
+
+def check_pool(size: int, teacher: nn.Module, pairs: Mapping[str, str], input_shape: tuple[int, ...]) -> None:
+    """`config.data.train_pool`: an integer >= 0 whose pool fits in POOL_MAX_BYTES."""
+    if int(size) != size or size < 0:
+        raise ValueError(f"config.data.train_pool={size} must be an integer >= 0 (0: fresh pairs every step).")
+    need = size * pool_item_bytes(teacher, pairs, input_shape)
+    if need > POOL_MAX_BYTES:
+        raise ValueError(f"config.data.train_pool={size} would hold {need / 2**30:.1f} GiB (inputs, targets, the "
+                         f"teacher's outputs and paired maps in float32); at most {POOL_MAX_BYTES / 2**30:.0f} GiB, "
+                         f"i.e. train_pool <= {POOL_MAX_BYTES // pool_item_bytes(teacher, pairs, input_shape)}.")
+
+
+def pool_item_bytes(teacher: nn.Module, pairs: Mapping[str, str], input_shape: tuple[int, ...]) -> int:
+    """Bytes of one pool item: its input, target, the teacher's output (the target's size) and the teacher's
+    maps named in `pairs`, float32 (shapes from `jax.eval_shape`)."""
+    out, feats = feature_shapes(teacher, input_shape)
+    sizes = [int(np.prod(input_shape)), 2 * out.size, *(feats[t].size for t in set(pairs.values()))]
+    return 4 * sum(sizes)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -157,9 +187,39 @@ def initial_params(model: nn.Module, input_shape: tuple[int, ...], key: jax.Arra
     return jax.device_get(jax.jit(lambda k: init_model.init(k, jnp.zeros(input_shape, jnp.float32)))(key)["params"])
 
 
+def training_pool(source: photos.PairSource, size: int, teacher: nn.Module, teacher_variables: Any,
+                  maps: Sequence[str]) -> dict[str, Any]:
+    """Items 0 ... size - 1 of `source` with the teacher's outputs on their inputs, computed once: {"input",
+    "target", "teacher": T(input), "teacher_features": {name: f_T[name] for name in maps}}, float32 numpy with
+    a leading axis of `size`; the teacher runs as in the train step (its compute dtype), jitted, POOL_BATCH
+    pairs a pass on the default device (the last pass padded), with progress in the log."""
+    items = [source[i] for i in range(size)]
+    pool: dict[str, Any] = {k: np.stack([item[k] for item in items]) for k in ("input", "target")}
+    model = models.outside_data_parallel(teacher)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True))
+    host, start_time = parallel.to_host(teacher_variables), time.perf_counter()
+    outputs, features = None, {}
+    for start in range(0, size, POOL_BATCH):
+        x = pool["input"][start:start + POOL_BATCH]
+        done = start + len(x)
+        out, feats = forward(host, np.concatenate([x, np.zeros((POOL_BATCH - len(x), *x.shape[1:]), x.dtype)]))
+        if outputs is None:  # filled in place: the pool is never held twice
+            outputs = np.empty((size, *out.shape[1:]), np.float32)
+            features = {name: np.empty((size, *feats[name].shape[1:]), np.float32) for name in maps}
+        outputs[start:done] = np.asarray(out[:len(x)])
+        for name in maps:
+            features[name][start:done] = np.asarray(feats[name][:len(x)])
+        if done == size or (start // POOL_BATCH) % max(1, size // POOL_BATCH // 4) == 0:
+            rate = done / (time.perf_counter() - start_time)
+            logging.info("the teacher's outputs on the training pool: %d/%d pairs, %.1f pairs/s, ETA %.0f s", done,
+                         size, rate, (size - done) / rate)
+    pool["teacher"], pool["teacher_features"] = outputs, features
+    return pool
+
+
 def train_phase(phase: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, model: nn.Module,
-                initial: dict[str, Any], source: photos.PairSource, mesh: Mesh, writer, budget: loop.StepBudget,
-                kd: Distillation | None = None, teacher_variables: Any = None,
+                initial: dict[str, Any], source: photos.PairSource | photos.PoolSource, mesh: Mesh, writer,
+                budget: loop.StepBudget, kd: Distillation | None = None, teacher_variables: Any = None,
                 model_state: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
     """Trains one phase from the parameters `initial` ({"student": ..., ["adapters": ...]}) and `model_state`
     (with an adversary {"discriminator": ...}) on pairs of `source` (`kdjax.steps.loop.run`, checkpoints in
@@ -330,10 +390,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if kd.adapters is not None:
         with_adapters["adapters"] = jax.device_get(
             init_adapters(kd.adapters, student, input_shape, jax.random.fold_in(key, 2))["params"])
+    sources, constants = {"student_kd": source, "student_scratch": source}, teacher_vars
+    if config.data.train_pool:  # both students on one fixed pool; the teacher's outputs on it computed here, once
+        pool = training_pool(source, config.data.train_pool, teacher, teacher_vars, sorted(set(kd.pairs.values())))
+        sources = {"student_kd": photos.PoolSource(pool, config.seed),
+                   "student_scratch": photos.PoolSource({k: pool[k] for k in ("input", "target")}, config.seed)}
+        constants = {}
     for phase, phase_kd, initial, extra_state in (("student_kd", kd, with_adapters, kd_state),
                                                   ("student_scratch", None, {"student": student_init}, None)):
-        variables, finished = train_phase(phase, config, workdir, student, initial, source, mesh, writer, budget,
-                                          phase_kd, teacher_vars, extra_state)
+        variables, finished = train_phase(phase, config, workdir, student, initial, sources[phase], mesh, writer,
+                                          budget, phase_kd, constants, extra_state)
         if not finished:
             return None
         trained[phase] = (student, variables)
@@ -345,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     out: dict[str, Any] = {
         "data": config.data.source, "channels": channels, "degradation": {"name": name, **params}, "scale": scale,
         "num_test_images": len(pairs), "test_image_sizes": [list(p["target"].shape[1:3]) for p in pairs],
-        "eval_max_side": config.data.eval_max_side,
+        "eval_max_side": config.data.eval_max_side, "train_pool": config.data.train_pool,
         "kd": {"alpha": config.kd.alpha, "w_feat": config.kd.w_feat, "w_fakd": config.kd.w_fakd,
                "pairs": config.kd.pairs, "w_adv": config.kd.w_adv},
         "device": cost.device_name(), **rows}
@@ -399,6 +465,8 @@ def report_text(out: Mapping[str, Any]) -> str:
             f"forward pass at {side}x{side} outputs; images/s at that size, batch {COST_BATCH}, on {out['device']}. "
             f"student_kd: alpha = {kd['alpha']}, w_feat = {kd['w_feat']}, w_fakd = {kd['w_fakd']}, pairs "
             f"'{kd['pairs']}'" + (f", w_adv = {kd['w_adv']}" if kd.get("w_adv") else "")
+            + (f"; both students trained on a fixed pool of {out['train_pool']} pairs, the teacher's outputs on it "
+               "computed once" if out.get("train_pool") else "")
             + f". The student at initialisation: PSNR {init['psnr']:.2f} dB, L1 vs teacher "
             f"{init['l1_vs_teacher']:.4f}. crops.png columns: {', '.join(CROP_COLUMNS)}; rows: the first "
             f"{min(CROP_IMAGES, out['num_test_images'])} test photographs." + validation_text(out))
