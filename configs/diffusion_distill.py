@@ -15,11 +15,14 @@ its own samples. The report's rows: the teacher with Heun at `sampler.teacher_st
 per sample, the FID reference; `:curve` adds 1, 2, 4 and 8), then the students; FID and KID against all the real
 digits and against the teacher's 16-step samples, in the shipped judge's features.
 
-The training settings are starting points sized for this CPU, not tuned. Run times on the project's 2-core CPU with
-the machine otherwise idle: `:curve` (progressive, seed 0) 22.8 min: 13.3 of training (800 steps at 1.05 steps/s),
-3.3 for the teacher's 1- to 8-step rows, 3.7 for its 16-step row, 1.9 for the students' rows. The default run
-leaves the 3.3 minutes out, and took 21.1 min alone (seed 0; 14.6 of training at 1.0 steps/s): over the 20-minute
-target. `:consistency` 17.5 min (seed 1), `:dmd` 14.3 min (seed 0). DMD2's GAN term
+The training settings are starting points sized for this CPU, not tuned. Progressive distillation trains its 8-
+and 4-step students 200 steps each, its 2- and 1-step ones 100 and 140 (`progressive.stage_fractions`). Run
+times on the project's 2-core CPU with the machine otherwise idle: the default run 18.7 min (seed 0 of
+`python -m kdjax.sweep --config=configs/diffusion_distill.py --seeds=3`, timed by the sweep from the run's start):
+12.1 of training (640 steps), 4.1 for the judge's real features and the teacher's 16-step row, 2.2 for the
+students' rows.
+`:curve` adds 3.3 min for the teacher's 1- to 8-step rows (measured when every stage trained 200 steps).
+`:consistency` 17.5 min (seed 1), `:dmd` 14.3 min (seed 0). DMD2's GAN term
 (`dmd.gan.generator_weight=3e-3`) raised the one-step FID on validation seed 100 from 8.62 to 12.69, so it stays
 off. Figures: README, "Diffusion".
 """
