@@ -19,7 +19,11 @@ most of it the teacher's Heun rows; the report had all five teacher rows then, 5
 the teacher's 16-step Heun, 1835 against 4 images/s) reaches FID 26.9 against the teacher's best 5.0 (5.4x; the
 target is 1.5x), with precision 0.46 and recall 0.14: its digits look like digits but too few kinds of them
 (README, "Diffusion"). 400 data-free steps from a random initialisation are a short budget (DMD2 starts its
-generator from the teacher's weights, which a DCGAN cannot).
+generator from the teacher's weights, which a DCGAN cannot). Timed alone since, on the idle 2 cores (seed 0 of
+`python -m kdjax.sweep --config=configs/diffusion_to_dcgan.py --seeds=1`, timed by the sweep from the run's start):
+16.6 min, 12.3 of training (400 steps at 0.54 steps/s) and 4.2 of report. That run's DCGAN FID was 21.96 (KID 0.347,
+precision 0.44, recall 0.27), not the 26.9 above, with the teacher's row the same (5.01): same config and seed, a
+later commit and an idle machine; the cause is not known.
 
 DMD2's GAN term was tried on validation seed 100 and not taken (`python -m kdjax.sweep
 --config=configs/diffusion_to_dcgan.py --seeds=1 --seed_offset=100 --setting base= --setting
